@@ -1,0 +1,19 @@
+"""gradhpo: gradient-based hyperparameter optimisation in JAX.
+
+Tune continuous hyperparameters (L2 and weight decay, label smoothing,
+augmentation magnitude, per-example weights, learning rate, momentum) by
+hypergradients while the model trains, with one state pytree and one
+optimizer interface shared by every algorithm.
+"""
+
+from gradhpo.core.base import BilevelOptimizer
+from gradhpo.core.state import BilevelState
+from gradhpo.algorithms.t1_t2 import T1T2
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BilevelOptimizer",
+    "BilevelState",
+    "T1T2",
+]

@@ -1,0 +1,1 @@
+"""The hypergradient algorithms, one per module."""

@@ -1,0 +1,1 @@
+"""Core types: the state, the abstract optimizer, type aliases."""

@@ -1,0 +1,226 @@
+r"""The abstract bilevel optimizer: the contract every algorithm follows.
+
+A bilevel problem
+
+.. math::
+
+   \min_\lambda L_{val}(w^*(\lambda), \lambda) \quad\text{s.t.}\quad
+   w^*(\lambda) \approx \operatorname{argmin}_w L_{tr}(w, \lambda)
+
+is solved online: each :meth:`BilevelOptimizer.step` takes inner optimizer
+step(s) on :math:`w` and one outer step on :math:`\lambda` along a
+hypergradient. The algorithms differ only in how the hypergradient is
+approximated.
+"""
+
+import abc
+import functools
+from typing import Any, Callable, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gradhpo.core.state import BilevelState, initial_metadata, float_dtype
+from gradhpo.core.types import DataBatch, InnerOptimizer, LossFn, PyTree
+from gradhpo.utils import gradients as gr
+from gradhpo.utils import tree as tu
+from gradhpo.utils import validation as val
+
+
+def compiled(method: Callable) -> Callable:
+    """Compiles a pure method with :func:`jax.jit`, the optimizer static.
+
+    The optimizer object holds only configuration (losses, optax
+    transformations, options) and is hashed by identity, so each optimizer
+    compiles a method once per input shape; the state's step counter is an
+    array, so stepping in a Python loop never retraces. The wrapper is a
+    plain function (documented like the method it wraps), so it can itself be
+    wrapped in :func:`jax.jit` or :func:`jax.vmap` by the user.
+    """
+    jitted = jax.jit(method, static_argnums=0)
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        return jitted(self, *args, **kwargs)
+    wrapper.__wrapped_jit__ = jitted
+    return wrapper
+
+
+class BilevelOptimizer(abc.ABC):
+    r"""Abstract base of every gradhpo algorithm.
+
+    Subclasses are final: they implement :meth:`init`, :meth:`step` and
+    :meth:`compute_hypergradient` and nothing else; shared machinery lives in
+    :mod:`gradhpo.utils`.
+
+    Args:
+      train_loss: :math:`L_{tr}(w, \lambda; D)`, called as
+        ``train_loss(params, hyperparams, batch)`` and returning a scalar. It
+        includes the regularisers the hyperparameters control (Luketina's
+        :math:`\tilde C_1`).
+      val_loss: :math:`L_{val}(w, \lambda; V)`, same signature; usually
+        independent of :math:`\lambda` (Luketina's :math:`C_2`). When
+        :math:`\lambda` does enter it, the direct term
+        :math:`\nabla_\lambda L_{val}` is included.
+      inner_optimizer: the optimizer of :math:`w`: an
+        :class:`optax.GradientTransformation`, or a callable
+        ``hyperparams -> GradientTransformation`` (learning rate, momentum and
+        decoupled weight decay then become differentiable hyperparameters;
+        ``optax.inject_hyperparams`` states are refreshed from it).
+      outer_optimizer: the optimizer of :math:`\lambda`, an
+        :class:`optax.GradientTransformation` (``optax.adam`` is
+        scale-free and a good default, since hypergradients are
+        :math:`O(\eta)`).
+
+    Batches are any pytrees of arrays. Non-floating hyperparameter leaves
+    (integer choices) are carried unchanged and get a zero hypergradient.
+    """
+
+    def __init__(self, train_loss: LossFn, val_loss: LossFn,
+                 inner_optimizer: InnerOptimizer,
+                 outer_optimizer: Optional[optax.GradientTransformation],
+                 *, allow_no_outer: bool = False) -> None:
+        val.check_callable(train_loss, "train_loss")
+        val.check_callable(val_loss, "val_loss")
+        val.check_inner_optimizer(inner_optimizer)
+        val.check_outer_optimizer(outer_optimizer, allow_none=allow_no_outer)
+        self.train_loss = train_loss
+        self.val_loss = val_loss
+        self.inner_optimizer = inner_optimizer
+        self.outer_optimizer = outer_optimizer
+
+    # -- the contract ------------------------------------------------------
+
+    @abc.abstractmethod
+    def init(self, params: PyTree, hyperparams: PyTree) -> BilevelState:
+        r"""Creates the initial state.
+
+        Args:
+          params: initial model parameters :math:`w_0`, any pytree of arrays.
+          hyperparams: initial hyperparameters :math:`\lambda_0`, any pytree
+            of arrays or numbers. Floating leaves are tuned; integer leaves
+            are held fixed. Python floats are converted to arrays of the
+            default floating dtype.
+
+        Returns:
+          A :class:`~gradhpo.BilevelState` with ``step == 0``, the inner
+          optimizer state :math:`s_0` (built from ``inner_optimizer``
+          at :math:`\lambda_0`), the outer optimizer state, and metadata
+          initialised (losses NaN, ``nonfinite_count`` 0).
+
+        Raises:
+          TypeError, ValueError: if a tree is empty or holds a non-numeric or
+            non-finite value.
+        """
+
+    @abc.abstractmethod
+    def step(self, state: BilevelState, train_batch: DataBatch,
+             val_batch: DataBatch) -> BilevelState:
+        r"""One step: inner update(s) of :math:`w`, one outer update of
+        :math:`\lambda`.
+
+        The step uses :math:`\lambda_t` (before its update) for both the inner
+        step and the hypergradient, and applies the hypergradient returned by
+        :meth:`compute_hypergradient` for the same arguments.
+
+        Args:
+          state: the current state.
+          train_batch: batch(es) :math:`D_t` for the inner step(s). An
+            algorithm that takes :math:`K > 1` inner steps per call expects a
+            leading axis of length :math:`K` on every leaf.
+          val_batch: validation batch(es) :math:`V_t`, laid out likewise.
+
+        Returns:
+          The next state (``step`` incremented by one). Non-finite values are
+          never propagated: a non-finite inner gradient leaves ``params`` and
+          ``inner_opt_state`` unchanged, a non-finite hypergradient leaves
+          ``hyperparams`` and ``outer_opt_state`` unchanged, and each
+          increments ``metadata["nonfinite_count"]``.
+
+        The method is pure and compiled once per input shape; it can be
+        wrapped in :func:`jax.jit` or :func:`jax.vmap` (a population of
+        states stacked on a leading axis).
+        """
+
+    @abc.abstractmethod
+    def compute_hypergradient(self, state: BilevelState,
+                              train_batch: DataBatch,
+                              val_batch: DataBatch) -> PyTree:
+        r"""The hypergradient :meth:`step` would apply, without applying it.
+
+        It includes the inner step(s) from ``state.params`` that
+        :meth:`step` takes with the same arguments, so that
+        ``step`` moves :math:`\lambda` along exactly this vector (through
+        the outer optimizer).
+
+        Args:
+          state: the current state.
+          train_batch: as in :meth:`step`.
+          val_batch: as in :meth:`step`.
+
+        Returns:
+          A pytree shaped like ``state.hyperparams`` (zeros for integer
+          leaves). It may be non-finite; :meth:`step` would then skip the
+          outer update.
+        """
+
+    # -- shared helpers for subclasses (not part of the public contract) ----
+
+    def _initial_state(self, params: PyTree, hyperparams: PyTree,
+                       metadata: Optional[Dict[str, Any]] = None,
+                       extra: Optional[Dict[str, Any]] = None
+                       ) -> BilevelState:
+        val.check_finite_tree(params, "params")
+        val.check_finite_tree(hyperparams, "hyperparams")
+        params = tu.as_strong_arrays(params)
+        hyperparams = tu.as_strong_arrays(hyperparams)
+        outer_state = (() if self.outer_optimizer is None else
+                       gr.init_outer_state(self.outer_optimizer, hyperparams))
+        return BilevelState(
+            params=params,
+            hyperparams=hyperparams,
+            inner_opt_state=gr.init_inner_state(
+                self.inner_optimizer, params, hyperparams),
+            outer_opt_state=outer_state,
+            step=jnp.zeros((), jnp.int32),
+            metadata=initial_metadata(**(metadata or {})),
+            extra=dict(extra or {}))
+
+    def _finish_step(self, state: BilevelState, inner: gr.InnerStep,
+                     hypergradient: PyTree, val_loss: jax.Array,
+                     metadata: Optional[Dict[str, Any]] = None,
+                     extra: Optional[Dict[str, Any]] = None
+                     ) -> BilevelState:
+        """Guards and applies an inner step and an outer update.
+
+        ``inner`` is the (unguarded) inner step from ``state``; the outer
+        update along ``hypergradient`` is skipped when it is non-finite.
+        """
+        inner = gr.guard_inner_step(inner, state.params,
+                                    state.inner_opt_state)
+        outer_ok = tu.all_finite(hypergradient)
+        new_hp, new_outer = gr.outer_update(
+            self.outer_optimizer, tu.select(
+                outer_ok, hypergradient, tu.zeros_like(hypergradient)),
+            state.outer_opt_state, state.hyperparams)
+        new_hp = tu.select(outer_ok, new_hp, state.hyperparams)
+        new_outer = tu.select(outer_ok, new_outer, state.outer_opt_state)
+        bad = (jnp.logical_not(inner.finite).astype(jnp.int32)
+               + jnp.logical_not(outer_ok).astype(jnp.int32))
+        fdt = float_dtype()
+        meta = dict(state.metadata)
+        meta.update(
+            train_loss=inner.loss.astype(fdt),
+            val_loss=jnp.asarray(val_loss).astype(fdt),
+            hypergradient_norm=tu.norm(hypergradient).astype(fdt),
+            nonfinite_count=state.metadata["nonfinite_count"] + bad)
+        meta.update(metadata or {})
+        meta = {k: jnp.asarray(v).astype(jnp.result_type(state.metadata[k]))
+                if k in state.metadata else v for k, v in meta.items()}
+        new_extra = dict(state.extra)
+        new_extra.update(extra or {})
+        return state.replace(
+            params=inner.params, inner_opt_state=inner.opt_state,
+            hyperparams=new_hp, outer_opt_state=new_outer,
+            step=state.step + 1, metadata=meta, extra=new_extra)

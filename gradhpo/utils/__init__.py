@@ -1,0 +1,1 @@
+"""Shared machinery: inner-step derivatives, tree helpers, validation."""

@@ -9,6 +9,8 @@ optimizer interface shared by every algorithm.
 from gradhpo.core.base import BilevelOptimizer
 from gradhpo.core.state import BilevelState
 from gradhpo.algorithms.t1_t2 import T1T2
+from gradhpo.utils.checkpoint import load_state
+from gradhpo.utils.checkpoint import save_state
 
 __version__ = "0.1.0"
 
@@ -16,4 +18,6 @@ __all__ = [
     "BilevelOptimizer",
     "BilevelState",
     "T1T2",
+    "load_state",
+    "save_state",
 ]

@@ -425,3 +425,25 @@ def test_integer_hyperparameters_are_held_fixed(x64):
     assert int(state.hyperparams["scale"]) == 1
     assert state.hyperparams["scale"].dtype == jnp.int32
     assert float(state.hyperparams["l2"]) > 0.5
+
+
+def test_loss_must_return_a_scalar():
+    train, val = pb.ridge_batches()
+
+    def per_example(w, lam, batch):
+        x, y = batch
+        return 0.5 * (x @ w - y) ** 2
+    opt = gh.T1T2(per_example, pb.ridge_val_loss, optax.sgd(0.01),
+                  optax.sgd(1.0))
+    state = opt.init(jnp.zeros(2), jnp.array(1.0))
+    with pytest.raises(ValueError, match=r"train_loss must return a floating "
+                       r"scalar, got shape \(3,\)"):
+        opt.step(state, train, val)
+    opt = gh.T1T2(pb.ridge_train_loss, per_example, optax.sgd(0.01),
+                  optax.sgd(1.0))
+    with pytest.raises(ValueError, match=r"val_loss must return a floating "
+                       r"scalar, got shape \(2,\)"):
+        opt.compute_hypergradient(state, train, val)
+    with pytest.raises(TypeError, match="state must be a gradhpo."
+                       "BilevelState"):
+        opt.step(state.params, train, val)

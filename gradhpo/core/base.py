@@ -28,7 +28,8 @@ from gradhpo.utils import tree as tu
 from gradhpo.utils import validation as val
 
 
-def compiled(method: Callable) -> Callable:
+def compiled(method: Optional[Callable] = None, *,
+             check_batches: bool = True) -> Callable:
     """Compiles a pure method with :func:`jax.jit`, the optimizer static.
 
     The optimizer object holds only configuration (losses, optax
@@ -37,14 +38,31 @@ def compiled(method: Callable) -> Callable:
     array, so stepping in a Python loop never retraces. The wrapper is a
     plain function (documented like the method it wraps), so it can itself be
     wrapped in :func:`jax.jit` or :func:`jax.vmap` by the user.
+
+    With ``check_batches`` (for methods called as ``(state, train_batch,
+    val_batch)``), the first call with each new batch signature (tree,
+    shapes, dtypes) checks the arguments on the host — the state's type, the
+    leading step axis, and that both losses return scalars (by
+    :func:`jax.eval_shape`, which traces but does not run them); later calls
+    with the same signature skip the check, so stepping stays compile-once.
+    Use ``@compiled`` or ``@compiled(check_batches=False)``.
     """
+    if method is None:
+        return functools.partial(compiled, check_batches=check_batches)
     jitted = jax.jit(method, static_argnums=0)
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
+        if check_batches:
+            self._check_call(*args[:3])
         return jitted(self, *args, **kwargs)
     wrapper.__wrapped_jit__ = jitted
     return wrapper
+
+
+def _signature(tree: PyTree) -> Any:
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
 
 
 class BilevelOptimizer(abc.ABC):
@@ -89,6 +107,12 @@ class BilevelOptimizer(abc.ABC):
         self.val_loss = val_loss
         self.inner_optimizer = inner_optimizer
         self.outer_optimizer = outer_optimizer
+        # Number of inner steps per call whose batches carry a leading axis
+        # (None: batches are passed as they are). Set by subclasses.
+        self._train_steps: Optional[int] = None
+        self._val_steps: Optional[int] = None
+        # Batch signatures already checked (a cache, not state).
+        self._checked: set = set()
 
     # -- the contract ------------------------------------------------------
 
@@ -167,6 +191,33 @@ class BilevelOptimizer(abc.ABC):
 
     # -- shared helpers for subclasses (not part of the public contract) ----
 
+    def _check_call(self, state: BilevelState, train_batch: DataBatch = None,
+                    val_batch: DataBatch = None) -> None:
+        """Host-side checks of a call, once per batch signature."""
+        if not isinstance(state, BilevelState):
+            raise TypeError(
+                "state must be a gradhpo.BilevelState (from "
+                f"{type(self).__name__}.init), got {type(state).__name__}.")
+        # keyed on the batches only (a few leaves): the state's shapes are
+        # fixed at init, and flattening a large model per call would cost
+        key = (_signature(train_batch), _signature(val_batch))
+        if key in self._checked:
+            return
+        train_one = _one_step_batch(train_batch, self._train_steps,
+                                    "train_batch")
+        val_one = _one_step_batch(val_batch, self._val_steps, "val_batch")
+        for name, loss, batch in [("train_loss", self.train_loss, train_one),
+                                  ("val_loss", self.val_loss, val_one)]:
+            out = jax.eval_shape(loss, state.params, state.hyperparams, batch)
+            shape = getattr(out, "shape", None)
+            dtype = getattr(out, "dtype", None)
+            if shape != () or not jnp.issubdtype(dtype, jnp.floating):
+                raise ValueError(
+                    f"{name} must return a floating scalar, got shape {shape} "
+                    f"and dtype {dtype}; reduce the per-example losses (e.g. "
+                    "with .mean()).")
+        self._checked.add(key)
+
     def _initial_state(self, params: PyTree, hyperparams: PyTree,
                        metadata: Optional[Dict[str, Any]] = None,
                        extra: Optional[Dict[str, Any]] = None
@@ -224,3 +275,19 @@ class BilevelOptimizer(abc.ABC):
             params=inner.params, inner_opt_state=inner.opt_state,
             hyperparams=new_hp, outer_opt_state=new_outer,
             step=state.step + 1, metadata=meta, extra=new_extra)
+
+
+def _one_step_batch(batch: DataBatch, steps: Optional[int],
+                    name: str) -> DataBatch:
+    """Shapes of the batch of a single inner step, after checking the
+    leading step axis when ``steps`` is set."""
+    if steps is None or not jax.tree.leaves(batch):
+        return batch
+    length = tu.first_axis_length(batch, name)
+    if length != steps:
+        raise ValueError(
+            f"{name} must have a leading axis of length {steps} on every "
+            f"leaf (one slice per inner step), got length {length}.")
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)),
+        batch)

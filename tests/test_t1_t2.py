@@ -447,3 +447,16 @@ def test_loss_must_return_a_scalar():
     with pytest.raises(TypeError, match="state must be a gradhpo."
                        "BilevelState"):
         opt.step(state.params, train, val)
+
+
+def test_hyperparams_must_match_the_inner_optimizer():
+    opt = gh.T1T2(_half_quadratic, _half_quadratic,
+                  lambda hp: optax.sgd(hp["lr"]), optax.sgd(0.01))
+    with pytest.raises(ValueError, match=r"hyperparams do not match what "
+                       r"inner_optimizer expects: .*KeyError: 'lr'"):
+        opt.init(jnp.ones(2), {"learning_rate": 0.1})
+    with pytest.raises(ValueError, match=r"hyperparams\['lr'\] must be "
+                       "finite"):
+        opt.init(jnp.ones(2), {"lr": jnp.nan})
+    with pytest.raises(ValueError, match="params must contain at least one"):
+        opt.init({}, {"lr": 0.1})

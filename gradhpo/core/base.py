@@ -231,12 +231,26 @@ class BilevelOptimizer(abc.ABC):
         return BilevelState(
             params=params,
             hyperparams=hyperparams,
-            inner_opt_state=gr.init_inner_state(
-                self.inner_optimizer, params, hyperparams),
+            inner_opt_state=self._init_inner_state(params, hyperparams),
             outer_opt_state=outer_state,
             step=jnp.zeros((), jnp.int32),
             metadata=initial_metadata(**(metadata or {})),
             extra=dict(extra or {}))
+
+    def _init_inner_state(self, params: PyTree,
+                          hyperparams: PyTree) -> PyTree:
+        try:
+            return gr.init_inner_state(self.inner_optimizer, params,
+                                       hyperparams)
+        except (KeyError, IndexError, TypeError, AttributeError) as e:
+            if isinstance(self.inner_optimizer, optax.GradientTransformation):
+                raise
+            raise ValueError(
+                "hyperparams do not match what inner_optimizer expects: "
+                "building the inner optimizer from hyperparams raised "
+                f"{type(e).__name__}: {e}. Pass every hyperparameter the "
+                "callable reads (e.g. {'lr': 0.1} for lambda hp: "
+                "optax.sgd(hp['lr'])).") from e
 
     def _finish_step(self, state: BilevelState, inner: gr.InnerStep,
                      hypergradient: PyTree, val_loss: jax.Array,

@@ -11,6 +11,10 @@ from gradhpo.core.state import BilevelState
 from gradhpo.algorithms.t1_t2 import T1T2
 from gradhpo.utils.checkpoint import load_state
 from gradhpo.utils.checkpoint import save_state
+from gradhpo.utils.parallel import init_population
+from gradhpo.utils.parallel import make_mesh
+from gradhpo.utils.parallel import replicate
+from gradhpo.utils.parallel import shard_batch
 
 __version__ = "0.1.0"
 
@@ -18,6 +22,10 @@ __all__ = [
     "BilevelOptimizer",
     "BilevelState",
     "T1T2",
+    "init_population",
     "load_state",
+    "make_mesh",
+    "replicate",
     "save_state",
+    "shard_batch",
 ]

@@ -1,0 +1,132 @@
+r"""Populations of configurations and data-parallel steps.
+
+Two ways to use more hardware with the same optimizer object:
+
+* **Populations** (many configurations in one XLA program): stack the states
+  of several hyperparameter settings along a leading axis with
+  :func:`init_population`, then ``jax.vmap(opt.step, in_axes=(0, None,
+  None))`` advances all of them on the same batch at once.
+* **Data parallelism** (one configuration, a batch split over devices):
+  place the state replicated and the batch sharded along its example axis
+  with :func:`replicate` and :func:`shard_batch`; the compiled step then runs
+  on every device of the mesh, and XLA inserts the all-reduces that the
+  losses' means need. The result equals the single-device step up to
+  floating-point summation order. On several hosts, call
+  :func:`jax.distributed.initialize` first on every host; :func:`make_mesh`
+  then spans all global devices, and each host passes its local part of the
+  batch through :func:`jax.make_array_from_process_local_data` instead of
+  :func:`shard_batch`.
+"""
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gradhpo.core.state import BilevelState
+from gradhpo.core.types import DataBatch, PyTree
+
+
+def stack(trees: Sequence[PyTree]) -> PyTree:
+    """Stacks pytrees of the same structure along a new leading axis."""
+    if not trees:
+        raise ValueError("trees must be a non-empty sequence of pytrees.")
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def unstack(tree: PyTree) -> list:
+    """Inverse of :func:`stack`: a list of the slices along the first axis."""
+    leaves, treedef = jax.tree.flatten(tree)
+    if not leaves:
+        return []
+    n = leaves[0].shape[0]
+    return [treedef.unflatten([x[i] for x in leaves]) for i in range(n)]
+
+
+def init_population(optimizer, params: PyTree,
+                    hyperparams: Sequence[PyTree],
+                    **init_kwargs) -> BilevelState:
+    """States for several hyperparameter settings, stacked on axis 0.
+
+    Args:
+      optimizer: any :class:`~gradhpo.BilevelOptimizer`.
+      params: the initial parameters, shared by every member (pass a stacked
+        tree and ``jax.vmap`` the ``init`` yourself for per-member weights).
+      hyperparams: a sequence of hyperparameter pytrees of one structure.
+      **init_kwargs: passed to ``optimizer.init`` (e.g. ``batch=`` for
+        HyperDistill).
+
+    Returns:
+      A :class:`~gradhpo.BilevelState` whose every leaf has a leading axis
+      of length ``len(hyperparams)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import gradhpo as gh
+      >>> loss = lambda w, hp, b: jnp.sum((w - b) ** 2) + hp * jnp.sum(w**2)
+      >>> opt = gh.T1T2(loss, lambda w, hp, b: jnp.sum((w - b) ** 2),
+      ...               optax.sgd(0.1), optax.adam(0.01))
+      >>> states = gh.init_population(opt, jnp.zeros(3), [0.1, 0.5, 1.0])
+      >>> step = jax.vmap(opt.step, in_axes=(0, None, None))
+      >>> states = step(states, jnp.ones(3), jnp.ones(3))
+      >>> states.hyperparams.shape
+      (3,)
+    """
+    if not len(hyperparams):
+        raise ValueError("hyperparams must hold at least one setting, got "
+                         "an empty sequence.")
+    return stack([optimizer.init(params, hp, **init_kwargs)
+                  for hp in hyperparams])
+
+
+def make_mesh(devices: Optional[Sequence[jax.Device]] = None,
+              axis_name: str = "batch") -> Mesh:
+    """A one-dimensional device mesh for data parallelism.
+
+    Args:
+      devices: the devices to use (default: all, ``jax.devices()``).
+      axis_name: the mesh axis the batch is split along.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    return Mesh(np.array(devices), (axis_name,))
+
+
+def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
+    """Places every leaf of ``tree`` (e.g. a state) on all mesh devices."""
+    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def shard_batch(batch: DataBatch, mesh: Mesh,
+                axis_name: str = "batch", axis: int = 0) -> DataBatch:
+    """Splits every leaf of ``batch`` along ``axis`` over the mesh devices.
+
+    Args:
+      batch: a pytree of arrays whose ``axis`` has a size divisible by the
+        number of devices.
+      mesh: from :func:`make_mesh`.
+      axis_name: the mesh axis to split over.
+      axis: the example axis of the leaves (1 for batches that carry a
+        leading step axis, as Greedy's with ``horizon > 1``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import gradhpo as gh
+      >>> mesh = gh.make_mesh()
+      >>> x = gh.shard_batch(jnp.ones((8, 3)), mesh)
+      >>> x.shape
+      (8, 3)
+    """
+    n = mesh.shape[axis_name]
+
+    def put(x):
+        x = jnp.asarray(x)
+        if x.ndim <= axis or x.shape[axis] % n:
+            raise ValueError(
+                f"batch leaves must have an axis {axis} divisible by the "
+                f"{n} devices of the mesh, got a leaf of shape {x.shape}.")
+        spec = [None] * x.ndim
+        spec[axis] = axis_name
+        return jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec)))
+    return jax.tree.map(put, batch)

@@ -16,7 +16,8 @@ EXTRAS = {
     "optuna": ["optuna>=3.5", "scipy>=1.10"],
     "test": ["pytest>=7.4", "pytest-cov>=4.1", "flake8>=6.0",
              "hypothesis>=6.80", "scikit-learn>=1.3", "matplotlib>=3.7",
-             "tqdm>=4.60", "flax>=0.8", "optuna>=3.5", "scipy>=1.10"],
+             "tqdm>=4.60", "flax>=0.8", "optuna>=3.5", "scipy>=1.10",
+             "sphinx>=7.0", "sphinx_rtd_theme>=2.0"],
     "docs": ["sphinx>=7.0", "sphinx_rtd_theme>=2.0"],
 }
 EXTRAS["dev"] = sorted({req for reqs in EXTRAS.values() for req in reqs})

@@ -8,6 +8,8 @@ optimizer interface shared by every algorithm.
 
 from gradhpo.core.base import BilevelOptimizer
 from gradhpo.core.state import BilevelState
+from gradhpo.algorithms.greedy import Greedy
+from gradhpo.algorithms.online import HyperDistill
 from gradhpo.algorithms.t1_t2 import T1T2
 from gradhpo.utils.checkpoint import load_state
 from gradhpo.utils.checkpoint import save_state
@@ -21,6 +23,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BilevelOptimizer",
     "BilevelState",
+    "Greedy",
+    "HyperDistill",
     "T1T2",
     "init_population",
     "load_state",

@@ -93,6 +93,26 @@ class BilevelOptimizer(abc.ABC):
 
     Batches are any pytrees of arrays. Non-floating hyperparameter leaves
     (integer choices) are carried unchanged and get a zero hypergradient.
+
+    Example:
+      Every algorithm is used the same way; swapping one for another changes
+      only the constructor:
+
+      >>> import jax.numpy as jnp, optax
+      >>> import gradhpo as gh
+      >>> def train_loss(w, hp, batch):
+      ...     return jnp.sum((w - batch) ** 2) + hp["l2"] * jnp.sum(w ** 2)
+      >>> def val_loss(w, hp, batch):
+      ...     return jnp.sum((w - batch) ** 2)
+      >>> opt: gh.BilevelOptimizer = gh.T1T2(
+      ...     train_loss, val_loss, optax.sgd(0.1), optax.sgd(1.0))
+      >>> state = opt.init(jnp.ones(2), {"l2": jnp.array(0.5)})
+      >>> h = opt.compute_hypergradient(state, jnp.zeros(2), jnp.ones(2))
+      >>> state = opt.step(state, jnp.zeros(2), jnp.ones(2))
+      >>> # by hand: w1 = 0.7, v = 2 (w1 - 1) = -0.6, B = -0.1 * 2 w0 = -0.2,
+      >>> # so h = 2 * (-0.2) * (-0.6) = 0.24 and l2 <- 0.5 - 0.24
+      >>> print(f"{float(h['l2']):.3f} {float(state.hyperparams['l2']):.3f}")
+      0.240 0.260
     """
 
     def __init__(self, train_loss: LossFn, val_loss: LossFn,
@@ -255,24 +275,43 @@ class BilevelOptimizer(abc.ABC):
     def _finish_step(self, state: BilevelState, inner: gr.InnerStep,
                      hypergradient: PyTree, val_loss: jax.Array,
                      metadata: Optional[Dict[str, Any]] = None,
-                     extra: Optional[Dict[str, Any]] = None
+                     extra: Optional[Dict[str, Any]] = None,
+                     outer: Optional[Callable] = None,
+                     inner_skips: Optional[jax.Array] = None
                      ) -> BilevelState:
         """Guards and applies an inner step and an outer update.
 
-        ``inner`` is the (unguarded) inner step from ``state``; the outer
-        update along ``hypergradient`` is skipped when it is non-finite.
+        Args:
+          state: the state the step started from.
+          inner: the (unguarded) inner step from ``state``; kept only if
+            ``inner.finite``.
+          hypergradient: skipped (hyperparameters and outer state kept) when
+            non-finite.
+          val_loss: recorded in the metadata.
+          metadata, extra: algorithm-specific entries to record.
+          outer: ``outer(state, hypergradient) -> (hyperparams,
+            outer_opt_state, metadata)`` replacing the plain outer optimizer
+            update (Greedy's masked, projected update); it only sees finite
+            hypergradients.
+          inner_skips: the number of skipped inner steps when ``inner``
+            summarises several (default: 1 if ``inner`` is non-finite).
         """
         inner = gr.guard_inner_step(inner, state.params,
                                     state.inner_opt_state)
         outer_ok = tu.all_finite(hypergradient)
-        new_hp, new_outer = gr.outer_update(
-            self.outer_optimizer, tu.select(
-                outer_ok, hypergradient, tu.zeros_like(hypergradient)),
-            state.outer_opt_state, state.hyperparams)
+        safe = tu.select(outer_ok, hypergradient, tu.zeros_like(hypergradient))
+        if outer is None:
+            new_hp, new_outer = gr.outer_update(
+                self.outer_optimizer, safe, state.outer_opt_state,
+                state.hyperparams)
+            outer_meta = {}
+        else:
+            new_hp, new_outer, outer_meta = outer(state, safe)
         new_hp = tu.select(outer_ok, new_hp, state.hyperparams)
         new_outer = tu.select(outer_ok, new_outer, state.outer_opt_state)
-        bad = (jnp.logical_not(inner.finite).astype(jnp.int32)
-               + jnp.logical_not(outer_ok).astype(jnp.int32))
+        if inner_skips is None:
+            inner_skips = jnp.logical_not(inner.finite).astype(jnp.int32)
+        bad = inner_skips + jnp.logical_not(outer_ok).astype(jnp.int32)
         fdt = float_dtype()
         meta = dict(state.metadata)
         meta.update(
@@ -280,6 +319,8 @@ class BilevelOptimizer(abc.ABC):
             val_loss=jnp.asarray(val_loss).astype(fdt),
             hypergradient_norm=tu.norm(hypergradient).astype(fdt),
             nonfinite_count=state.metadata["nonfinite_count"] + bad)
+        meta.update({k: jnp.where(outer_ok, v, jnp.zeros_like(v))
+                     for k, v in outer_meta.items()})
         meta.update(metadata or {})
         meta = {k: jnp.asarray(v).astype(jnp.result_type(state.metadata[k]))
                 if k in state.metadata else v for k, v in meta.items()}

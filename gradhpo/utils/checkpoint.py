@@ -126,6 +126,19 @@ def load_state(path: PathLike, like: PyTree) -> PyTree:
       The saved state, with the structure of ``like``; bit-for-bit the saved
       values.
 
+    Example:
+      >>> import os, tempfile, jax.numpy as jnp, optax
+      >>> import gradhpo as gh
+      >>> opt = gh.T1T2(lambda w, h, b: h * jnp.sum(w ** 2),
+      ...               lambda w, h, b: jnp.sum(w), optax.adam(0.1),
+      ...               optax.adam(0.1))
+      >>> state = opt.step(opt.init(jnp.ones(2), jnp.array(0.5)), None, None)
+      >>> path = os.path.join(tempfile.mkdtemp(), "run.npz")
+      >>> gh.save_state(path, state)
+      >>> like = opt.init(jnp.zeros(2), jnp.array(0.0))   # any values
+      >>> int(gh.load_state(path, like=like).step)
+      1
+
     Raises:
       FileNotFoundError: if ``path`` does not exist.
       ValueError: if the file is not a gradhpo checkpoint, has another format

@@ -152,7 +152,10 @@ def inner_step_vjp(
     Args:
       train_loss: :math:`L_{tr}(w, \\lambda; D)`.
       inner_optimizer: the inner optimizer (transformation or callable).
-      params, opt_state, hyperparams, batch: :math:`w, s, \\lambda, D`.
+      params: :math:`w`.
+      opt_state: :math:`s`.
+      hyperparams: :math:`\\lambda`.
+      batch: :math:`D`.
       wrt_params: also return :math:`A^\\top v = (\\partial w^+/\\partial
         w)^\\top v` (HyperDistill's DrMAD sweep needs both from one VJP).
 

@@ -88,13 +88,29 @@ def make_mesh(devices: Optional[Sequence[jax.Device]] = None,
     Args:
       devices: the devices to use (default: all, ``jax.devices()``).
       axis_name: the mesh axis the batch is split along.
+
+    Example:
+      >>> import jax
+      >>> import gradhpo as gh
+      >>> mesh = gh.make_mesh()
+      >>> mesh.shape["batch"] == len(jax.devices())
+      True
     """
     devices = list(jax.devices() if devices is None else devices)
     return Mesh(np.array(devices), (axis_name,))
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
-    """Places every leaf of ``tree`` (e.g. a state) on all mesh devices."""
+    """Places every leaf of ``tree`` (e.g. a state) on all mesh devices.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import gradhpo as gh
+      >>> mesh = gh.make_mesh()
+      >>> w = gh.replicate({"w": jnp.ones(3)}, mesh)
+      >>> w["w"].sharding.is_fully_replicated
+      True
+    """
     return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
 

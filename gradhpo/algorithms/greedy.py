@@ -1,0 +1,317 @@
+r"""Generalized greedy hypergradients over a horizon, with an optional top-k
+subset update.
+
+Each step takes :math:`T` (``horizon``) inner steps with the hyperparameters
+held at :math:`\lambda` and forms the discounted sum of one-step (T1–T2)
+terms of the generalized greedy method (ICLR 2025 submission #6297, eq. 6):
+
+.. math::
+
+   w_t &= \Phi(w_{t-1}, s_{t-1}, \lambda; D_t), \qquad
+   B_t = \frac{\partial w_t}{\partial\lambda}, \qquad
+   a_t = \nabla_w L_{val}(w_t, \lambda; V_t), \\
+   \hat d_\lambda &= \nabla_\lambda L_{val}(w_T, \lambda; V_T)
+       + \sum_{t=1}^{T} \gamma^{T-t} B_t^\top a_t .
+
+This is reverse-mode differentiation through the horizon with every
+:math:`\partial w_{k}/\partial w_{k-1}` replaced by :math:`\gamma I` and the
+final validation gradient replaced by the current one. The sum is accumulated
+online, :math:`G_t = \gamma G_{t-1} + B_t^\top a_t` (ALGORITHMS.md §4.2), so
+memory is :math:`O(P + H)` whatever :math:`T`, and :math:`\gamma = 0` is
+exactly the T1–T2 term of the last step (no :math:`0^0` appears).
+
+The outer update :math:`u` of the outer optimizer (fed the full
+hypergradient) is then optionally restricted to the ``top_k`` best scoring
+coordinates and projected on a box (ALGORITHMS.md §4.4):
+
+.. math::
+
+   \lambda \leftarrow \Pi_{[l, h]}\big(\lambda + m \odot u\big),
+   \qquad m = 1_{S}, \quad S = \operatorname{top-k}(\text{score}).
+"""
+
+from typing import Any, List, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from jax.flatten_util import ravel_pytree
+
+from gradhpo.core.base import BilevelOptimizer, compiled
+from gradhpo.core.state import BilevelState, float_dtype
+from gradhpo.core.types import DataBatch, InnerOptimizer, LossFn, PyTree
+from gradhpo.utils import gradients as gr
+from gradhpo.utils import tree as tu
+from gradhpo.utils import validation as val
+
+SCORES = ("magnitude", "predicted_improvement")
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def _prefix_leaves(option: Any, tree: PyTree, name: str) -> List[Any]:
+    """Broadcasts ``option`` (a pytree prefix of ``tree``, ``None`` leaves
+    allowed) to a list aligned with ``jax.tree.leaves(tree)``."""
+    leaves, treedef = jax.tree.flatten(option, is_leaf=_is_none)
+    try:
+        subtrees = treedef.flatten_up_to(tree)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"{name} must be a scalar or a pytree shaped like hyperparams (or "
+            f"a prefix of it); got structure {treedef} for hyperparams "
+            f"structure {jax.tree.structure(tree)}.") from err
+    out = []
+    for leaf, sub in zip(leaves, subtrees):
+        out.extend([leaf] * len(jax.tree.leaves(sub)))
+    return out
+
+
+class Greedy(BilevelOptimizer):
+    r"""Generalized greedy hypergradient descent over a horizon of inner steps.
+
+    .. math::
+
+       \hat d_\lambda = \nabla_\lambda L_{val}(w_T, \lambda; V_T)
+           + \sum_{t=1}^{T} \gamma^{T-t}\,
+             \Big(\frac{\partial w_t}{\partial\lambda}\Big)^\top
+             \nabla_w L_{val}(w_t, \lambda; V_t),
+       \qquad \lambda \leftarrow \Pi\big(\lambda + m\odot
+       \mathrm{outer}(\hat d_\lambda)\big).
+
+    One :meth:`step` takes ``horizon`` inner steps (continuing from
+    ``state.params``; for the paper's episodic mode, reset ``params`` between
+    steps) and one outer update. The outer optimizer always sees the full
+    hypergradient, so its moments evolve for every coordinate; the top-k,
+    ``trainable`` and box restrictions act on the update it produces. A
+    non-finite inner gradient skips that inner step (its :math:`B_t` counts
+    as zero) and a non-finite hypergradient skips the outer update; each skip
+    increments ``metadata["nonfinite_count"]``. ``metadata["train_loss"]`` is
+    the mean of the pre-step training losses over the horizon,
+    ``metadata["val_loss"]`` is :math:`L_{val}(w_T; V_T)`, and with ``top_k``
+    ``metadata["selected"]`` counts the coordinates moved (0 when skipped).
+
+    Args:
+      train_loss: :math:`L_{tr}(w, \lambda; D)` (see
+        :class:`~gradhpo.BilevelOptimizer`).
+      val_loss: :math:`L_{val}(w, \lambda; V)`.
+      inner_optimizer: optax transformation of :math:`w`, or a callable of
+        the hyperparameters returning one.
+      outer_optimizer: optax transformation of :math:`\lambda`.
+      horizon: :math:`T`, inner steps per call. With ``horizon > 1`` every
+        leaf of ``train_batch`` and ``val_batch`` has a leading axis of
+        length :math:`T` (slice :math:`t` is :math:`D_t`, resp.
+        :math:`V_t`); with ``horizon == 1`` batches are passed as they are.
+      gamma: :math:`\gamma \in [0, 1]`, the discount of older one-step terms
+        (0: T1–T2 at the last step; the paper reports 0.9).
+      top_k: if set, only the ``top_k`` best scoring coordinates (over all
+        floating hyperparameter leaves, flattened) move; ``None`` moves all.
+      score: ``"magnitude"`` ranks :math:`|h_i|`; ``"predicted_improvement"``
+        ranks :math:`-h_i\Delta_i` with :math:`\Delta_i` the projected step
+        of coordinate :math:`i` (0 for a coordinate pinned at a bound and
+        pushed outward, which then takes no slot).
+      bounds: ``(lower, upper)``, each a scalar, ``None`` (unbounded) or a
+        pytree shaped like the hyperparameters (or a prefix of it, ``None``
+        leaves unbounded; array leaves broadcast against the leaf). The
+        hyperparameters are clipped after every update.
+      trainable: a pytree of booleans (or boolean arrays) shaped like the
+        hyperparameters, or a prefix of it; ``False`` freezes the entries
+        (their hypergradient is still reported). Integer leaves are always
+        frozen.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> import gradhpo as gh
+      >>> G = jnp.array([1.0, 0.5])
+      >>> def train_loss(w, alpha, batch):
+      ...     return 0.5 * jnp.sum(G * (w - alpha) ** 2)
+      >>> def val_loss(w, alpha, batch):
+      ...     return jnp.sum(w ** 2) + 10 * jnp.sum(jnp.sin(w) ** 2)
+      >>> opt = gh.Greedy(train_loss, val_loss, optax.sgd(0.1),
+      ...                 optax.sgd(0.1), horizon=5, gamma=0.9)
+      >>> state = opt.init(jnp.array([2.0, 2.0]), jnp.array([1.0, 1.0]))
+      >>> batches = jnp.zeros(5)      # the losses ignore the data
+      >>> h = opt.compute_hypergradient(state, batches, batches)
+      >>> print(f"{h[0]:.4f} {h[1]:.4f}")
+      0.2282 -0.3202
+      >>> int(opt.step(state, batches, batches).step)
+      1
+
+    References:
+      Anonymous, `Generalized Greedy Gradient-Based Hyperparameter
+      Optimization <https://openreview.net/forum?id=6297>`_, ICLR 2025
+      submission #6297.
+
+      Luketina et al, `Scalable Gradient-Based Tuning of Continuous
+      Regularization Hyperparameters <https://arxiv.org/abs/1511.06727>`_,
+      2016.
+    """
+
+    def __init__(self, train_loss: LossFn, val_loss: LossFn,
+                 inner_optimizer: InnerOptimizer,
+                 outer_optimizer: optax.GradientTransformation, *,
+                 horizon: int = 1, gamma: float = 0.9,
+                 top_k: Optional[int] = None, score: str = "magnitude",
+                 bounds: Optional[Tuple[Any, Any]] = None,
+                 trainable: Optional[PyTree] = None) -> None:
+        super().__init__(train_loss, val_loss, inner_optimizer,
+                         outer_optimizer)
+        self.horizon = val.check_int(horizon, "horizon", minimum=1)
+        self.gamma = val.check_real(gamma, "gamma", low=0.0, high=1.0)
+        self.top_k = (None if top_k is None
+                      else val.check_int(top_k, "top_k", minimum=1))
+        val.check_choice(score, "score", SCORES)
+        self.score = score
+        if bounds is not None and (not isinstance(bounds, (tuple, list))
+                                   or len(bounds) != 2):
+            raise ValueError(
+                "bounds must be None or a pair (lower, upper) of scalars or "
+                f"pytrees (None for unbounded), got {bounds!r}.")
+        self.bounds = None if bounds is None else tuple(bounds)
+        self.trainable = trainable
+        # the base class checks the leading step axis of the batches
+        steps = self.horizon if self.horizon > 1 else None
+        self._train_steps = self._val_steps = steps
+
+    # -- per-leaf options, resolved against the hyperparameter structure ----
+
+    def _leaf_masks(self, hyperparams: PyTree
+                    ) -> Tuple[jax.Array, jax.Array, jax.Array]:
+        """Flat lower/upper bounds and trainable mask of the floating leaves.
+
+        Built at trace time from Python options, so they are constants.
+        """
+        leaves = jax.tree.leaves(hyperparams)
+        lower, upper = (None, None) if self.bounds is None else self.bounds
+        options = zip(leaves, _prefix_leaves(lower, hyperparams, "bounds[0]"),
+                      _prefix_leaves(upper, hyperparams, "bounds[1]"),
+                      _prefix_leaves(self.trainable, hyperparams,
+                                     "trainable"))
+        lows, highs, masks = [], [], []
+        for leaf, lo, hi, train in options:
+            if not tu.is_float_leaf(leaf):
+                continue
+            shape, dtype = jnp.shape(leaf), jnp.result_type(leaf)
+            lows.append(jnp.broadcast_to(jnp.asarray(
+                -jnp.inf if lo is None else lo, dtype), shape).ravel())
+            highs.append(jnp.broadcast_to(jnp.asarray(
+                jnp.inf if hi is None else hi, dtype), shape).ravel())
+            masks.append(jnp.broadcast_to(jnp.asarray(
+                True if train is None else train, bool), shape).ravel())
+        return (jnp.concatenate(lows), jnp.concatenate(highs),
+                jnp.concatenate(masks))
+
+    def init(self, params: PyTree, hyperparams: PyTree) -> BilevelState:
+        state = self._initial_state(
+            params, hyperparams,
+            metadata=(None if self.top_k is None
+                      else {"selected": jnp.zeros((), jnp.int32)}))
+        if not any(tu.is_float_leaf(x)
+                   for x in jax.tree.leaves(state.hyperparams)):
+            raise ValueError("hyperparams must contain at least one floating "
+                             "leaf for Greedy to tune.")
+        for flag in _prefix_leaves(self.trainable, state.hyperparams,
+                                   "trainable"):
+            if flag is not None and np.asarray(flag).dtype != bool:
+                raise TypeError(
+                    "trainable must hold booleans (True to tune, False to "
+                    f"freeze) on every leaf, got {flag!r}.")
+        lo, hi, _ = self._leaf_masks(state.hyperparams)
+        if not np.all(np.asarray(lo <= hi)):
+            raise ValueError(
+                "bounds must satisfy lower <= upper on every entry, got "
+                f"{self.bounds!r}.")
+        return state
+
+    # -- hypergradient ------------------------------------------------------
+
+    def _hypergradient(self, state: BilevelState, train_batch: DataBatch,
+                       val_batch: DataBatch):
+        """Runs the horizon; returns the hypergradient and the step's output.
+
+        Returns:
+          ``(h, inner, val_loss, skipped)``: ``inner`` holds the guarded
+          :math:`w_T, s_T` and the mean training loss; ``skipped`` counts
+          the non-finite inner steps.
+        """
+        lam, fdt = state.hyperparams, float_dtype()
+
+        def body(carry, batches):
+            w, s, acc, loss_sum, skipped, _, _ = carry
+            d_t, v_t = batches
+            inner, pullback = gr.inner_step_vjp(
+                self.train_loss, self.inner_optimizer, w, s, lam, d_t)
+            guarded = gr.guard_inner_step(inner, w, s)
+            value, a_t, direct = gr.value_and_grads(
+                self.val_loss, guarded.params, lam, v_t)
+            # A skipped step is the identity map: its B_t is zero. The select
+            # also keeps a NaN pullback of a bad inner gradient out of G.
+            term = tu.select(inner.finite, pullback(a_t), tu.zeros_like(acc))
+            acc = tu.axpy(self.gamma, acc, term)   # G <- gamma G + B_t^T a_t
+            return (guarded.params, guarded.opt_state, acc,
+                    loss_sum + inner.loss.astype(fdt),
+                    skipped + jnp.logical_not(inner.finite).astype(jnp.int32),
+                    value.astype(fdt), direct), None
+
+        zeros = tu.zeros_like(lam)
+        carry = (state.params, state.inner_opt_state, zeros,
+                 jnp.zeros((), fdt), jnp.zeros((), jnp.int32),
+                 jnp.zeros((), fdt), zeros)
+        if self.horizon == 1:
+            carry, _ = body(carry, (train_batch, val_batch))
+        else:
+            carry, _ = lax.scan(body, carry, (train_batch, val_batch),
+                                length=self.horizon)
+        w, s, acc, loss_sum, skipped, val_loss, direct = carry
+        # the direct term once, at w_T on V_T (the last iteration's value)
+        hypergradient = jax.tree.map(lambda a, b: a + b, direct, acc)
+        inner = gr.InnerStep(w, s, loss_sum / self.horizon, jnp.array(True))
+        return hypergradient, inner, val_loss, skipped
+
+    # -- masked, projected outer update -------------------------------------
+
+    def _outer(self, state: BilevelState, hypergradient: PyTree
+               ) -> Tuple[PyTree, PyTree, jax.Array]:
+        """The outer update restricted to the selected coordinates, projected.
+
+        Returns ``(new_hyperparams, new_outer_opt_state, metadata)``.
+        """
+        lam = state.hyperparams
+        proposed, new_outer = gr.outer_update(
+            self.outer_optimizer, hypergradient, state.outer_opt_state, lam)
+        lam_f, lam_rest = tu.partition_float(lam)
+        flat_lam, unravel = ravel_pytree(lam_f)
+        flat_new = ravel_pytree(tu.partition_float(proposed)[0])[0]
+        flat_h = ravel_pytree(
+            tu.partition_float(hypergradient)[0])[0].astype(flat_lam.dtype)
+        lo, hi, mask = self._leaf_masks(lam)
+        if self.top_k is not None:
+            if self.score == "magnitude":
+                score = jnp.abs(flat_h)
+            else:
+                score = -flat_h * (jnp.clip(flat_new, lo, hi) - flat_lam)
+            score = jnp.where(mask, score, -jnp.inf)
+            _, idx = lax.top_k(score, min(self.top_k, flat_lam.size))
+            mask = mask & jnp.zeros(flat_lam.shape, bool).at[idx].set(True)
+        flat_out = jnp.clip(jnp.where(mask, flat_new, flat_lam), lo, hi)
+        new_lam = tu.combine(unravel(flat_out), lam_rest)
+        meta = ({} if self.top_k is None else
+                {"selected": jnp.sum(mask.astype(jnp.int32))})
+        return new_lam, new_outer, meta
+
+    @compiled
+    def compute_hypergradient(self, state: BilevelState,
+                              train_batch: DataBatch,
+                              val_batch: DataBatch) -> PyTree:
+        return self._hypergradient(state, train_batch, val_batch)[0]
+
+    @compiled
+    def step(self, state: BilevelState, train_batch: DataBatch,
+             val_batch: DataBatch) -> BilevelState:
+        hypergradient, inner, val_loss, skipped = self._hypergradient(
+            state, train_batch, val_batch)
+        return self._finish_step(state, inner, hypergradient, val_loss,
+                                 outer=self._outer, inner_skips=skipped)

@@ -1,0 +1,343 @@
+r"""One-shot hypergradient warm starts (OHGW) for bandit-style HPO.
+
+Before a multi-fidelity scheduler (ASHA, Hyperband, PASHA) trains a sampled
+configuration :math:`\psi`, nudge it once along a hypergradient and train the
+nudged :math:`\psi'` instead. Read literally ("take
+:math:`\partial L_{tr}/\partial\psi` on one mini-batch") the rule gives zero
+for the learning rate and momentum and "shrink every regulariser" for the
+rest (ALGORITHMS.md §5.1), so gradhpo differentiates a :math:`K`-step
+lookahead evaluated on held-out data (§5.2):
+
+.. math::
+
+   (w_k, s_k) &= \Phi(w_{k-1}, s_{k-1}, \psi; B_k), \quad k = 1..K, \\
+   J(\psi) &= L_{val}(w_K, \psi; V), \qquad
+   g = \nabla_\psi J(\psi), \\
+   \psi &\leftarrow \Pi_{[l, u]}\big(\psi - \eta_h\, g\big),
+
+repeated ``num_steps`` times from the same :math:`(w_0, s_0)` and batches.
+:math:`K = 1` is the T1–T2 (and Baydin) hypergradient at :math:`w_0`;
+:math:`K \ge 2` is needed for momentum, whose buffer is zero at step 1.
+"""
+
+from typing import Any, Callable, List, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from jax.flatten_util import ravel_pytree
+
+from gradhpo.core.base import BilevelOptimizer, compiled
+from gradhpo.core.state import BilevelState, float_dtype
+from gradhpo.core.types import DataBatch, InnerOptimizer, LossFn, PyTree
+from gradhpo.utils import gradients as gr
+from gradhpo.utils import tree as tu
+from gradhpo.utils import validation as val
+
+DIRECTIONS = ("hypergradient", "random")
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def _leafwise(option: Any, tree: PyTree, name: str) -> List[Any]:
+    """Broadcasts ``option`` (a scalar, ``None`` or a pytree prefix of
+    ``tree`` with ``None`` leaves allowed) to a list aligned with
+    ``jax.tree.leaves(tree)``."""
+    leaves, treedef = jax.tree.flatten(option, is_leaf=_is_none)
+    try:
+        subtrees = treedef.flatten_up_to(tree)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"{name} must be a scalar, None or a pytree shaped like "
+            f"hyperparams; got structure {treedef} for hyperparams structure "
+            f"{jax.tree.structure(tree)}.") from err
+    out = []
+    for leaf, sub in zip(leaves, subtrees):
+        out.extend([leaf] * len(jax.tree.leaves(sub)))
+    return out
+
+
+def _flat_floats(tree: PyTree) -> Tuple[jax.Array, Callable, PyTree]:
+    """The floating leaves of ``tree`` as one vector (in ``jax.tree.leaves``
+    order), its inverse, and the non-floating rest."""
+    floats, rest = tu.partition_float(tree)
+    flat, unravel = ravel_pytree(floats)
+    return flat, unravel, rest
+
+
+class OneShotWarmStart(BilevelOptimizer):
+    r"""One-shot hypergradient warm start (OHGW) with a lookahead.
+
+    .. math::
+
+       J(\psi) = L_{val}\big(\Phi^K(w_0, s_0, \psi; B_1..B_K), \psi; V\big),
+       \qquad \psi_{j+1} = \Pi_{[l, u]}\big(\psi_j + \Delta_j\big),
+       \quad \Delta_j = -\eta_h \nabla_\psi J(\psi_j),
+
+    for :math:`j = 0..N-1` (``num_steps``). Every hyper-step recomputes the
+    gradient at the new :math:`\psi_j` from the same :math:`w_0, s_0` and
+    the same batches; :meth:`step` leaves ``params`` and
+    ``inner_opt_state`` untouched (the scheduler trains from there with
+    :math:`\psi_N`). The gradient is reverse-mode differentiation through
+    all :math:`K` inner steps (a ``lax.scan``), so its memory is
+    :math:`O(K \cdot P)`; keep :math:`K` small.
+
+    With an outer optimizer, :math:`\Delta_j` is its update for the gradient
+    (``step_size`` is then unused) and its state advances once per applied
+    hyper-step. ``direction="random"`` is the paper's control: :math:`\Delta_j`
+    is replaced by :math:`\lVert\Delta_j\rVert\, d_j/\lVert d_j\rVert`, with
+    :math:`d_j` standard normal over the floating hyperparameters (a fresh
+    key per hyper-step, split from ``state.extra["key"]``, which advances
+    every call), so each random step has exactly the length the hypergradient
+    step would have had at the same :math:`\psi_j` (an outer optimizer's
+    state then advances exactly as along the hypergradient). A non-finite
+    gradient (from a non-finite inner gradient or validation loss anywhere
+    in the lookahead) skips that hyper-step (:math:`\psi` and the outer
+    state unchanged) and increments ``metadata["nonfinite_count"]``.
+
+    Metadata after :meth:`step` (all at :math:`\psi_0`, the hyperparameters
+    on entry, unless stated): ``val_loss`` :math:`= J(\psi_0)`;
+    ``train_loss``, the mean training loss over the :math:`K` lookahead
+    steps; ``hypergradient``, :math:`g_0 = \nabla_\psi J(\psi_0)` as a flat
+    vector over the floating hyperparameter leaves in ``jax.tree.leaves``
+    order (``jax.flatten_util.ravel_pytree`` order; also for the random
+    direction); ``hypergradient_norm`` :math:`= \lVert g_0\rVert`;
+    ``delta`` :math:`= \psi_N - \psi_0`, flat likewise; ``delta_norm``; and
+    ``clipped``, whether the projection changed any coordinate of an
+    applied hyper-step of this call. :meth:`compute_hypergradient` returns
+    :math:`g_0` as a pytree shaped like the hyperparameters.
+
+    Args:
+      train_loss: :math:`L_{tr}(w, \psi; B)` (see
+        :class:`~gradhpo.BilevelOptimizer`), including the regularisers,
+        label smoothing and augmentation :math:`\psi` controls.
+      val_loss: :math:`L_{val}(w, \psi; V)`, usually plain cross-entropy on
+        held-out data. Use a validation batch, or else the *next* training
+        batch :math:`B_{K+1}`; never :math:`B_1` (on the same batch a
+        larger learning rate always looks better).
+      inner_optimizer: optax transformation of :math:`w`, or a callable
+        ``hyperparams -> GradientTransformation`` (makes the learning rate,
+        momentum and decoupled weight decay part of :math:`\psi`).
+      outer_optimizer: ``None`` (plain step :math:`-\eta_h g`, the paper) or
+        an optax transformation of :math:`\psi`.
+      step_size: :math:`\eta_h > 0`, the hyper step size (paper: 1e-3);
+        unused with an outer optimizer.
+      num_steps: :math:`N \ge 1`, hyper-steps per call (paper: 1; ablation
+        3).
+      lookahead: :math:`K \ge 1`, inner steps in :math:`J`. With
+        :math:`K > 1` every leaf of ``train_batch`` has a leading axis of
+        length :math:`K` (slice :math:`k` is :math:`B_{k+1}`); with
+        :math:`K = 1` it is passed as it is. ``val_batch`` is always one
+        batch :math:`V`, without a leading axis.
+      direction: ``"hypergradient"`` or ``"random"`` (the same-length random
+        control).
+      seed: a non-negative int, the seed of the random direction's key.
+      bounds: ``None`` or ``(lower, upper)``, each a scalar, ``None``
+        (unbounded) or a pytree shaped like the hyperparameters (``None``
+        leaves unbounded). :math:`\psi` is clipped after every hyper-step.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from gradhpo.algorithms.warm_start import OneShotWarmStart
+      >>> def train_loss(w, hp, batch):
+      ...     x, y = batch
+      ...     return (0.5 * (w * x - y) ** 2
+      ...             + 0.5 * jnp.exp(hp["log_wd"]) * w ** 2)
+      >>> def val_loss(w, hp, batch):
+      ...     x, y = batch
+      ...     return 0.5 * (w * x - y) ** 2
+      >>> opt = OneShotWarmStart(
+      ...     train_loss, val_loss,
+      ...     lambda hp: optax.sgd(jnp.exp(hp["log_lr"])), step_size=1e-3)
+      >>> hp = {"log_lr": jnp.log(0.1), "log_wd": jnp.log(0.1)}
+      >>> state = opt.init(jnp.array(1.0), hp)
+      >>> batch = (jnp.array(1.0), jnp.array(0.0))
+      >>> g = opt.compute_hypergradient(state, batch, batch)
+      >>> print(f"{g['log_lr']:.4f} {g['log_wd']:.4f}")
+      -0.0979 -0.0089
+      >>> new = opt.step(state, batch, batch)
+      >>> print(f"{new.metadata['val_loss']:.5f}")  # J = (0.89 ** 2) / 2
+      0.39605
+      >>> bool(new.metadata["delta"][0] > 0)  # flat: (log_lr, log_wd)
+      True
+
+    References:
+      Anonymous, *One-Shot Hyper-Gradient Warm-Starts for Bandit-Style
+      Hyperparameter Optimisation* (no public code; summarised in the
+      project's DESIGN.md §4).
+
+      Luketina et al, `Scalable Gradient-Based Tuning of Continuous
+      Regularization Hyperparameters <https://arxiv.org/abs/1511.06727>`_,
+      2016.
+
+      Baydin et al, `Online Learning Rate Adaptation with Hypergradient
+      Descent <https://arxiv.org/abs/1703.04782>`_, 2018.
+    """
+
+    def __init__(self, train_loss: LossFn, val_loss: LossFn,
+                 inner_optimizer: InnerOptimizer,
+                 outer_optimizer: Optional[optax.GradientTransformation]
+                 = None, *, step_size: float = 1e-3, num_steps: int = 1,
+                 lookahead: int = 1, direction: str = "hypergradient",
+                 seed: int = 0,
+                 bounds: Optional[Tuple[Any, Any]] = None) -> None:
+        super().__init__(train_loss, val_loss, inner_optimizer,
+                         outer_optimizer, allow_no_outer=True)
+        self.step_size = val.check_real(step_size, "step_size", low=0.0,
+                                        low_open=True)
+        self.num_steps = val.check_int(num_steps, "num_steps", minimum=1)
+        self.lookahead = val.check_int(lookahead, "lookahead", minimum=1)
+        val.check_choice(direction, "direction", DIRECTIONS)
+        self.direction = direction
+        self.seed = val.check_int(seed, "seed", minimum=0)
+        if bounds is not None and (not isinstance(bounds, (tuple, list))
+                                   or len(bounds) != 2):
+            raise ValueError(
+                "bounds must be None or a pair (lower, upper) of scalars or "
+                f"pytrees (None for unbounded), got {bounds!r}.")
+        self.bounds = None if bounds is None else tuple(bounds)
+        # the base class checks the leading lookahead axis of train_batch
+        self._train_steps = self.lookahead if self.lookahead > 1 else None
+
+    def _flat_bounds(self, hyperparams: PyTree, dtype: Any
+                     ) -> Tuple[jax.Array, jax.Array]:
+        """Lower and upper bounds of the flat floating hyperparameters
+        (constants built at trace time from the Python option)."""
+        lower, upper = (None, None) if self.bounds is None else self.bounds
+        lows, highs = [], []
+        for leaf, lo, hi in zip(jax.tree.leaves(hyperparams),
+                                _leafwise(lower, hyperparams, "bounds[0]"),
+                                _leafwise(upper, hyperparams, "bounds[1]")):
+            if not tu.is_float_leaf(leaf):
+                continue
+            shape = jnp.shape(leaf)
+            lows.append(jnp.broadcast_to(jnp.asarray(
+                -jnp.inf if lo is None else lo, dtype), shape).ravel())
+            highs.append(jnp.broadcast_to(jnp.asarray(
+                jnp.inf if hi is None else hi, dtype), shape).ravel())
+        return jnp.concatenate(lows), jnp.concatenate(highs)
+
+    def init(self, params: PyTree, hyperparams: PyTree) -> BilevelState:
+        state = self._initial_state(params, hyperparams)
+        flat, _, _ = _flat_floats(state.hyperparams)
+        if flat.size == 0:
+            raise ValueError("hyperparams must contain at least one floating "
+                             "leaf for OneShotWarmStart to tune.")
+        lo, hi = self._flat_bounds(state.hyperparams, flat.dtype)
+        if not np.all(np.asarray(lo <= hi)):
+            raise ValueError("bounds must satisfy lower <= upper on every "
+                             f"entry, got {self.bounds!r}.")
+        meta = dict(state.metadata)
+        meta.update(
+            hypergradient=jnp.full(flat.shape, jnp.nan, flat.dtype),
+            delta=jnp.zeros(flat.shape, flat.dtype),
+            delta_norm=jnp.zeros((), float_dtype()),
+            clipped=jnp.zeros((), bool))
+        extra = ({"key": jax.random.PRNGKey(self.seed)}
+                 if self.direction == "random" else {})
+        return state.replace(metadata=meta, extra=extra)
+
+    # -- the lookahead objective J(psi) and its gradient ---------------------
+
+    def _value_and_grad(self, state: BilevelState, train_batch: DataBatch,
+                        val_batch: DataBatch) -> Tuple[Callable, jax.Array,
+                                                       Callable, PyTree]:
+        """``x -> ((J, mean train loss), dJ/dx)`` on the flat floating
+        hyperparameters ``x``, with ``x_0``, the unravel map and the rest."""
+        flat, unravel, rest = _flat_floats(state.hyperparams)
+
+        def objective(x):
+            lam = tu.combine(unravel(x), rest)
+
+            def inner(carry, batch):
+                out = gr.inner_step(self.train_loss, self.inner_optimizer,
+                                    carry[0], carry[1], lam, batch)
+                return (out.params, out.opt_state), out.loss
+            carry = (state.params, state.inner_opt_state)
+            if self.lookahead == 1:
+                (w, _), losses = inner(carry, train_batch)
+            else:
+                # differentiated end to end: residuals of all K steps are
+                # kept, O(K P) memory (K is small by design)
+                (w, _), losses = lax.scan(inner, carry, train_batch)
+            return self.val_loss(w, lam, val_batch), jnp.mean(losses)
+
+        return (jax.value_and_grad(objective, has_aux=True), flat, unravel,
+                rest)
+
+    @compiled
+    def compute_hypergradient(self, state: BilevelState,
+                              train_batch: DataBatch,
+                              val_batch: DataBatch) -> PyTree:
+        grad_fn, flat, unravel, _ = self._value_and_grad(
+            state, train_batch, val_batch)
+        _, g = grad_fn(flat)
+        return tu.fill_none(unravel(g), state.hyperparams)
+
+    # -- the hyper-steps -----------------------------------------------------
+
+    def _proposal(self, g: jax.Array, x: jax.Array, outer_state: PyTree,
+                  unravel: Callable, rest: PyTree,
+                  like: PyTree) -> Tuple[jax.Array, PyTree]:
+        """The change the hypergradient direction would apply at ``x``."""
+        if self.outer_optimizer is None:
+            return -self.step_size * g, outer_state
+        new_lam, new_outer = gr.outer_update(
+            self.outer_optimizer, tu.fill_none(unravel(g), like),
+            outer_state, tu.combine(unravel(x), rest))
+        return _flat_floats(new_lam)[0] - x, new_outer
+
+    @compiled
+    def step(self, state: BilevelState, train_batch: DataBatch,
+             val_batch: DataBatch) -> BilevelState:
+        grad_fn, x0, unravel, rest = self._value_and_grad(
+            state, train_batch, val_batch)
+        lo, hi = self._flat_bounds(state.hyperparams, x0.dtype)
+        if self.direction == "random" and "key" not in state.extra:
+            raise ValueError(
+                'direction="random" needs state.extra["key"]; build the '
+                "state with this optimizer's init.")
+
+        def hyper_step(carry, _):
+            x, outer, key, bad, clipped = carry
+            (j, train_loss), g = grad_fn(x)
+            ok = jnp.all(jnp.isfinite(g))
+            delta, new_outer = self._proposal(
+                jnp.where(ok, g, 0.0), x, outer, unravel, rest,
+                state.hyperparams)
+            if self.direction == "random":
+                key, sub = jax.random.split(key)
+                d = jax.random.normal(sub, x.shape, x.dtype)
+                delta = jnp.linalg.norm(delta) * d / jnp.linalg.norm(d)
+            proposed = x + delta
+            projected = jnp.clip(proposed, lo, hi)
+            clipped = clipped | (ok & jnp.any(projected != proposed))
+            carry = (jnp.where(ok, projected, x),
+                     tu.select(ok, new_outer, outer), key,
+                     bad + jnp.logical_not(ok).astype(jnp.int32), clipped)
+            return carry, (g, j, train_loss)
+
+        carry = (x0, state.outer_opt_state, state.extra.get("key"),
+                 jnp.zeros((), jnp.int32), jnp.zeros((), bool))
+        (x, outer, key, bad, clipped), (gs, js, train_losses) = lax.scan(
+            hyper_step, carry, None, length=self.num_steps)
+        delta = x - x0
+        meta = dict(state.metadata)
+        meta.update(
+            train_loss=train_losses[0], val_loss=js[0],
+            hypergradient=gs[0], hypergradient_norm=jnp.linalg.norm(gs[0]),
+            delta=delta, delta_norm=jnp.linalg.norm(delta), clipped=clipped,
+            nonfinite_count=state.metadata["nonfinite_count"] + bad)
+        # dtypes fixed at init, so a jitted step never retraces
+        meta = {k: jnp.asarray(v).astype(jnp.result_type(state.metadata[k]))
+                for k, v in meta.items()}
+        extra = dict(state.extra)
+        if key is not None:
+            extra["key"] = key
+        return state.replace(
+            hyperparams=tu.combine(unravel(x), rest), outer_opt_state=outer,
+            step=state.step + 1, metadata=meta, extra=extra)

@@ -206,13 +206,13 @@ class HyperDistill(BilevelOptimizer):
 
     Example:
       >>> import jax.numpy as jnp, optax
-      >>> from gradhpo.algorithms.online import HyperDistill
+      >>> import gradhpo as gh
       >>> def train_loss(w, lam, batch):          # A = 0.9 I, B = 0.1 I
       ...     return 0.5 * jnp.sum(w ** 2) - jnp.sum(lam * w)
       >>> def val_loss(w, lam, batch):
       ...     return 0.5 * jnp.sum((w - 0.5) ** 2)
-      >>> opt = HyperDistill(train_loss, val_loss, optax.sgd(0.1),
-      ...                    optax.sgd(0.0), gamma=0.9)
+      >>> opt = gh.HyperDistill(train_loss, val_loss, optax.sgd(0.1),
+      ...                       optax.sgd(0.0), gamma=0.9)
       >>> state = opt.init(jnp.zeros(2), jnp.array([1.0, 2.0]))
       >>> for _ in range(2):
       ...     state = opt.step(state, None, None)

@@ -11,6 +11,7 @@ from gradhpo.core.state import BilevelState
 from gradhpo.algorithms.greedy import Greedy
 from gradhpo.algorithms.online import HyperDistill
 from gradhpo.algorithms.t1_t2 import T1T2
+from gradhpo.algorithms.warm_start import OneShotWarmStart
 from gradhpo.utils.checkpoint import load_state
 from gradhpo.utils.checkpoint import save_state
 from gradhpo.utils.parallel import init_population
@@ -25,6 +26,7 @@ __all__ = [
     "BilevelState",
     "Greedy",
     "HyperDistill",
+    "OneShotWarmStart",
     "T1T2",
     "init_population",
     "load_state",

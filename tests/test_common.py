@@ -37,10 +37,9 @@ def _ridge(make_opt, stacked, wrap, outer):
 
     def batches(i):
         del i
-        if stacked:
-            return jax.tree.map(lambda x: jnp.stack([x] * stacked),
-                                (train, val))
-        return train, val
+        return tuple(b if n is None else jax.tree.map(
+            lambda x, n=n: jnp.stack([x] * n), b)
+            for b, n in zip((train, val), stacked))
     opt = make_opt(wrap(pb.log_ridge_train_loss), pb.ridge_val_loss,
                    0.01, outer)
     return opt, batches, (
@@ -54,10 +53,12 @@ def _mlp(make_opt, stacked, wrap, outer):
         return pb.mlp_batch(keys[2 * i]), pb.mlp_batch(keys[2 * i + 1])
 
     def batches(i):
-        if stacked:
-            parts = [one(stacked * i + j) for j in range(stacked)]
-            return jax.tree.map(lambda *xs: jnp.stack(xs), *parts)
-        return one(i)
+        n = max(k or 1 for k in stacked)
+        parts = [one(n * i + j) for j in range(n)]
+        return tuple(
+            part[0] if k is None else jax.tree.map(
+                lambda *xs: jnp.stack(xs), *part)
+            for part, k in zip(zip(*parts), stacked))
     opt = make_opt(wrap(pb.mlp_train_loss), pb.mlp_val_loss, 0.1,
                    outer)
     return opt, batches, (
@@ -68,18 +69,18 @@ def _mlp(make_opt, stacked, wrap, outer):
 
 ALGORITHMS = {
     "t1t2_exact": (lambda tl, vl, lr, outer: gh.T1T2(
-        tl, vl, optax.sgd(lr, momentum=0.5), outer), 0),
+        tl, vl, optax.sgd(lr, momentum=0.5), outer), (None, None)),
     "t1t2_fd": (lambda tl, vl, lr, outer: gh.T1T2(
         tl, vl, optax.sgd(lr), outer,
-        hypergradient="finite_difference"), 0),
+        hypergradient="finite_difference"), (None, None)),
     "greedy": (lambda tl, vl, lr, outer: gh.Greedy(
         tl, vl, optax.sgd(lr), outer, horizon=HORIZON,
-        gamma=0.9), HORIZON),
+        gamma=0.9), (HORIZON, HORIZON)),
     "hyperdistill": (lambda tl, vl, lr, outer: gh.HyperDistill(
-        tl, vl, optax.sgd(lr), outer, gamma=0.9), 0),
+        tl, vl, optax.sgd(lr), outer, gamma=0.9), (None, None)),
     "warm_start": (lambda tl, vl, lr, outer: gh.OneShotWarmStart(
         tl, vl, optax.sgd(lr), outer, lookahead=LOOKAHEAD),
-        LOOKAHEAD),
+        (LOOKAHEAD, None)),
 }
 
 

@@ -402,8 +402,8 @@ def test_invalid_options_name_the_argument():
         Greedy(*args, bounds=0.0)
     with pytest.raises(ValueError, match="lower <= upper"):
         Greedy(*args, bounds=(1.0, 0.0)).init(jnp.zeros(2), jnp.array(0.5))
-    with pytest.raises(ValueError, match="trainable must be a scalar or a "
-                       "pytree shaped like hyperparams"):
+    with pytest.raises(ValueError, match="trainable must be a scalar, None "
+                       "or a pytree shaped like hyperparams"):
         Greedy(*args, trainable={"a": True}).init(jnp.zeros(2),
                                                   {"b": jnp.array(0.5)})
     with pytest.raises(TypeError, match="trainable must hold booleans"):

@@ -30,7 +30,7 @@ coordinates and projected on a box (ALGORITHMS.md §4.4):
    \qquad m = 1_{S}, \quad S = \operatorname{top-k}(\text{score}).
 """
 
-from typing import Any, List, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -47,27 +47,6 @@ from gradhpo.utils import tree as tu
 from gradhpo.utils import validation as val
 
 SCORES = ("magnitude", "predicted_improvement")
-
-
-def _is_none(x: Any) -> bool:
-    return x is None
-
-
-def _prefix_leaves(option: Any, tree: PyTree, name: str) -> List[Any]:
-    """Broadcasts ``option`` (a pytree prefix of ``tree``, ``None`` leaves
-    allowed) to a list aligned with ``jax.tree.leaves(tree)``."""
-    leaves, treedef = jax.tree.flatten(option, is_leaf=_is_none)
-    try:
-        subtrees = treedef.flatten_up_to(tree)
-    except (ValueError, TypeError) as err:
-        raise ValueError(
-            f"{name} must be a scalar or a pytree shaped like hyperparams (or "
-            f"a prefix of it); got structure {treedef} for hyperparams "
-            f"structure {jax.tree.structure(tree)}.") from err
-    out = []
-    for leaf, sub in zip(leaves, subtrees):
-        out.extend([leaf] * len(jax.tree.leaves(sub)))
-    return out
 
 
 class Greedy(BilevelOptimizer):
@@ -184,25 +163,15 @@ class Greedy(BilevelOptimizer):
 
         Built at trace time from Python options, so they are constants.
         """
-        leaves = jax.tree.leaves(hyperparams)
         lower, upper = (None, None) if self.bounds is None else self.bounds
-        options = zip(leaves, _prefix_leaves(lower, hyperparams, "bounds[0]"),
-                      _prefix_leaves(upper, hyperparams, "bounds[1]"),
-                      _prefix_leaves(self.trainable, hyperparams,
-                                     "trainable"))
-        lows, highs, masks = [], [], []
-        for leaf, lo, hi, train in options:
-            if not tu.is_float_leaf(leaf):
-                continue
-            shape, dtype = jnp.shape(leaf), jnp.result_type(leaf)
-            lows.append(jnp.broadcast_to(jnp.asarray(
-                -jnp.inf if lo is None else lo, dtype), shape).ravel())
-            highs.append(jnp.broadcast_to(jnp.asarray(
-                jnp.inf if hi is None else hi, dtype), shape).ravel())
-            masks.append(jnp.broadcast_to(jnp.asarray(
-                True if train is None else train, bool), shape).ravel())
-        return (jnp.concatenate(lows), jnp.concatenate(highs),
-                jnp.concatenate(masks))
+        dtype = ravel_pytree(tu.partition_float(hyperparams)[0])[0].dtype
+        return (
+            tu.flat_float_option(lower, hyperparams, -jnp.inf, dtype,
+                                 "bounds[0]"),
+            tu.flat_float_option(upper, hyperparams, jnp.inf, dtype,
+                                 "bounds[1]"),
+            tu.flat_float_option(self.trainable, hyperparams, True, bool,
+                                 "trainable"))
 
     def init(self, params: PyTree, hyperparams: PyTree) -> BilevelState:
         state = self._initial_state(
@@ -213,8 +182,8 @@ class Greedy(BilevelOptimizer):
                    for x in jax.tree.leaves(state.hyperparams)):
             raise ValueError("hyperparams must contain at least one floating "
                              "leaf for Greedy to tune.")
-        for flag in _prefix_leaves(self.trainable, state.hyperparams,
-                                   "trainable"):
+        for flag in tu.broadcast_prefix(self.trainable, state.hyperparams,
+                                        "trainable"):
             if flag is not None and np.asarray(flag).dtype != bool:
                 raise TypeError(
                     "trainable must hold booleans (True to tune, False to "

@@ -20,7 +20,7 @@ repeated ``num_steps`` times from the same :math:`(w_0, s_0)` and batches.
 :math:`K \ge 2` is needed for momentum, whose buffer is zero at step 1.
 """
 
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -37,28 +37,6 @@ from gradhpo.utils import tree as tu
 from gradhpo.utils import validation as val
 
 DIRECTIONS = ("hypergradient", "random")
-
-
-def _is_none(x: Any) -> bool:
-    return x is None
-
-
-def _leafwise(option: Any, tree: PyTree, name: str) -> List[Any]:
-    """Broadcasts ``option`` (a scalar, ``None`` or a pytree prefix of
-    ``tree`` with ``None`` leaves allowed) to a list aligned with
-    ``jax.tree.leaves(tree)``."""
-    leaves, treedef = jax.tree.flatten(option, is_leaf=_is_none)
-    try:
-        subtrees = treedef.flatten_up_to(tree)
-    except (ValueError, TypeError) as err:
-        raise ValueError(
-            f"{name} must be a scalar, None or a pytree shaped like "
-            f"hyperparams; got structure {treedef} for hyperparams structure "
-            f"{jax.tree.structure(tree)}.") from err
-    out = []
-    for leaf, sub in zip(leaves, subtrees):
-        out.extend([leaf] * len(jax.tree.leaves(sub)))
-    return out
 
 
 def _flat_floats(tree: PyTree) -> Tuple[jax.Array, Callable, PyTree]:
@@ -142,7 +120,7 @@ class OneShotWarmStart(BilevelOptimizer):
 
     Example:
       >>> import jax.numpy as jnp, optax
-      >>> from gradhpo.algorithms.warm_start import OneShotWarmStart
+      >>> import gradhpo as gh
       >>> def train_loss(w, hp, batch):
       ...     x, y = batch
       ...     return (0.5 * (w * x - y) ** 2
@@ -150,7 +128,7 @@ class OneShotWarmStart(BilevelOptimizer):
       >>> def val_loss(w, hp, batch):
       ...     x, y = batch
       ...     return 0.5 * (w * x - y) ** 2
-      >>> opt = OneShotWarmStart(
+      >>> opt = gh.OneShotWarmStart(
       ...     train_loss, val_loss,
       ...     lambda hp: optax.sgd(jnp.exp(hp["log_lr"])), step_size=1e-3)
       >>> hp = {"log_lr": jnp.log(0.1), "log_wd": jnp.log(0.1)}
@@ -208,18 +186,10 @@ class OneShotWarmStart(BilevelOptimizer):
         """Lower and upper bounds of the flat floating hyperparameters
         (constants built at trace time from the Python option)."""
         lower, upper = (None, None) if self.bounds is None else self.bounds
-        lows, highs = [], []
-        for leaf, lo, hi in zip(jax.tree.leaves(hyperparams),
-                                _leafwise(lower, hyperparams, "bounds[0]"),
-                                _leafwise(upper, hyperparams, "bounds[1]")):
-            if not tu.is_float_leaf(leaf):
-                continue
-            shape = jnp.shape(leaf)
-            lows.append(jnp.broadcast_to(jnp.asarray(
-                -jnp.inf if lo is None else lo, dtype), shape).ravel())
-            highs.append(jnp.broadcast_to(jnp.asarray(
-                jnp.inf if hi is None else hi, dtype), shape).ravel())
-        return jnp.concatenate(lows), jnp.concatenate(highs)
+        return (tu.flat_float_option(lower, hyperparams, -jnp.inf, dtype,
+                                     "bounds[0]"),
+                tu.flat_float_option(upper, hyperparams, jnp.inf, dtype,
+                                     "bounds[1]"))
 
     def init(self, params: PyTree, hyperparams: PyTree) -> BilevelState:
         state = self._initial_state(params, hyperparams)

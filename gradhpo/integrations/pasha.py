@@ -360,11 +360,12 @@ class PASHAPruner(optuna.pruners.BasePruner):
        P_i - \epsilon \le p(A_i) \le P_i + \epsilon \quad \forall i.
 
     With ``epsilon="auto"`` (the paper's ICLR version), :math:`\epsilon` is
-    the 90th percentile of :math:`|v_a(e) - v_b(e)|` over *noisy pairs*:
-    pairs of learning curves whose order at their highest common step
-    :math:`e` in the window :math:`(s_{T-1}, s_T]` was inverted at an earlier
-    step and restored further back (they crossed twice), i.e. a measure of
-    how much ranking noise the metric carries. Without noisy pairs in that
+    the ``epsilon_percentile``-th (by default 90th) percentile of
+    :math:`|v_a(e) - v_b(e)|` over *noisy pairs*: pairs of learning curves
+    whose order at their highest common step :math:`e` in the window
+    :math:`(s_{T-1}, s_T]` was inverted at an earlier step and restored
+    further back (they crossed twice), i.e. a measure of how much ranking
+    noise the metric carries. Without noisy pairs in that
     window the next lower window is used, then ``epsilon_init``.
 
     **Stopping, not pausing.** In the paper a trial that reaches the current
@@ -395,8 +396,11 @@ class PASHAPruner(optuna.pruners.BasePruner):
     1 + \text{highest rung some trial passed})` (capped at :math:`n`), then
     :math:`T = T_{floor} + 1` iff rungs :math:`T_{floor}` and
     :math:`T_{floor}-1` are inconsistent. Once a trial has passed rung
-    :math:`k`, :math:`T > k` for good, so :math:`T` never decreases. Any
-    number of workers sharing one storage compute the same :math:`T`. The
+    :math:`k`, :math:`T > k` for good, so :math:`T_{floor}` never decreases;
+    unlike the paper's persistent counter, an increase that no trial has
+    used yet (nobody passed the old top rung) is undone if the
+    inconsistency vanishes again (:math:`\epsilon` grew, members arrived).
+    Any number of workers sharing one storage compute the same :math:`T`. The
     pruner records a trial's rung values and passed rungs as system
     attributes ``pasha:rung_k`` / ``pasha:passed_k`` (as Optuna's own
     successive halving does); trials without them (e.g. added with
@@ -411,8 +415,10 @@ class PASHAPruner(optuna.pruners.BasePruner):
     Steps are what you pass to ``trial.report`` (usually 0-based): with
     :math:`r = 1` the first rung is the second report, and a cap
     :math:`R` means steps :math:`0, \dots, R-1`. Call ``should_prune`` after
-    every ``report`` (rung values are read at the first reported step at or
-    after :math:`s_k`). Single-objective studies only.
+    every ``report``; a later call decides every rung crossed since the
+    previous one, in order, with the values reported at the first step at or
+    after each :math:`s_k`, against the trials as they are now (as Optuna's
+    successive halving does). Single-objective studies only.
 
     Args:
       min_resource: :math:`r \ge 1`, the step of the first rung (no

@@ -146,3 +146,51 @@ def first_axis_length(tree: PyTree, name: str) -> int:
             f"{name} must have one common leading axis length on every leaf, "
             f"got lengths {sorted(lengths)}.")
     return lengths.pop()
+
+
+def broadcast_prefix(option: Any, tree: PyTree, name: str) -> list:
+    """Broadcasts an option to a list aligned with ``jax.tree.leaves(tree)``.
+
+    Args:
+      option: a scalar, ``None``, or a pytree prefix of ``tree`` (``None``
+        leaves allowed), e.g. bounds or a trainable mask.
+      tree: the hyperparameters.
+      name: the argument's name, for the error message.
+
+    Raises:
+      ValueError: if ``option`` is not a prefix of ``tree``.
+    """
+    leaves, treedef = jax.tree.flatten(option, is_leaf=lambda x: x is None)
+    try:
+        subtrees = treedef.flatten_up_to(tree)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"{name} must be a scalar, None or a pytree shaped like "
+            f"hyperparams (or a prefix of it); got structure {treedef} for "
+            f"hyperparams structure {jax.tree.structure(tree)}.") from err
+    out = []
+    for leaf, sub in zip(leaves, subtrees):
+        out.extend([leaf] * len(jax.tree.leaves(sub)))
+    return out
+
+
+def flat_float_option(option: Any, tree: PyTree, default: Any, dtype: Any,
+                      name: str) -> jax.Array:
+    """An option broadcast over the floating leaves of ``tree``, flattened.
+
+    The entries follow the order of
+    ``jax.flatten_util.ravel_pytree(partition_float(tree)[0])``; ``None``
+    entries take ``default``. Built at trace time from Python options, so
+    the result is a constant.
+    """
+    parts = []
+    for leaf, value in zip(jax.tree.leaves(tree),
+                           broadcast_prefix(option, tree, name)):
+        if not is_float_leaf(leaf):
+            continue
+        value = default if value is None else value
+        parts.append(jnp.broadcast_to(jnp.asarray(value, dtype),
+                                      jnp.shape(leaf)).ravel())
+    if not parts:
+        return jnp.zeros((0,), dtype)
+    return jnp.concatenate(parts)

@@ -1,0 +1,438 @@
+r"""Tune a differentiable data augmentation by hypergradients (T1–T2).
+
+The augmentation has two magnitudes :math:`m = (m_{shift}, m_{noise})`,
+each in [0, 1] (``m = sigmoid(logit)``, so the bounds hold by construction):
+
+.. math::
+
+   \tilde x_i = \mathrm{translate}\big(x_i,\; m_{shift} S\, u_i\big)
+                + m_{noise} \sigma\, z_i,
+   \qquad u_i \sim U[-1, 1]^2,\; z_i \sim N(0, I),
+
+a translation by a fractional number of pixels (bilinear resampling, zero
+padding, at most ``S`` pixels per axis) followed by additive Gaussian pixel
+noise of standard deviation at most ``sigma``. Both are smooth in :math:`m`,
+so the training loss :math:`L_{tr}(w, m; D)` has a derivative in :math:`m`
+and T1–T2 gives the one-step hypergradient :math:`dL_{val}(w_{t+1}(m))/dm`
+with :math:`L_{val}` the plain cross-entropy of un-augmented validation
+images.
+
+The random draws :math:`u_i, z_i` are drawn on the host and carried *in the
+training batch* (``batch["shift"]``, ``batch["pixel"]``), so the loss is a
+deterministic function of ``(params, hyperparams, batch)``: the inner step
+and its vector-Jacobian product see the same noise (ALGORITHMS.md §1.7,
+pitfall 7), and HyperDistill can mix batches leaf by leaf.
+
+The model is an MLP (two hidden layers) trained with SGD and momentum. The
+script compares, on the same data order and noise draws:
+
+- no augmentation (``m = 0``);
+- a fixed grid of magnitudes ``m_shift = m_noise = g`` for ``g`` in
+  ``--grid``, the best chosen by validation loss, with the same total budget
+  of gradient evaluations as T1–T2 (a T1–T2 step costs 3 gradient
+  evaluations, a plain step 1, so a grid of 3 values trains each for as many
+  steps as T1–T2 takes);
+- T1–T2 and HyperDistill (``--methods``) tuning ``m`` online from
+  ``--init-magnitude``.
+
+Data: scikit-learn's bundled digits (8×8, no download) by default;
+``--data-dir`` reads MNIST IDX files through
+:func:`gradhpo.datasets.load_mnist_splits`.
+
+Examples::
+
+    python examples/augmentation.py                  # digits, under a minute
+    python examples/augmentation.py --methods T1-T2 --steps 3000
+    python examples/augmentation.py --data-dir ../shared/data/mnist
+"""
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.scipy.ndimage import map_coordinates
+from tqdm import tqdm
+
+import gradhpo as gh
+from gradhpo import datasets
+
+COST_PER_STEP = {"T1-T2": 3, "HyperDistill": 3}
+NAMES = ("shift", "noise")
+
+
+# -- the differentiable augmentation ------------------------------------------
+
+def translate(images, shifts):
+    """Translates each image by a fractional shift, bilinearly, zero-padded.
+
+    Args:
+      images: ``(N, H, W, C)``.
+      shifts: ``(N, 2)`` shifts ``(rows, columns)`` in pixels; output pixel
+        ``(i, j)`` is input pixel ``(i - s_0, j - s_1)``, interpolated.
+
+    Returns:
+      ``(N, H, W, C)``, differentiable in ``images`` and ``shifts`` (away
+      from integer shifts, where bilinear interpolation has a kink).
+    """
+    h, w = images.shape[1:3]
+    rows, cols = jnp.meshgrid(jnp.arange(h, dtype=images.dtype),
+                              jnp.arange(w, dtype=images.dtype),
+                              indexing="ij")
+
+    def one(image, shift):
+        coords = [rows - shift[0], cols - shift[1]]
+        channel = lambda c: map_coordinates(  # noqa: E731
+            c, coords, order=1, mode="constant", cval=0.0)
+        return jax.vmap(channel, in_axes=-1, out_axes=-1)(image)
+
+    return jax.vmap(one)(images, shifts.astype(images.dtype))
+
+
+def augment(images, shift, noise, directions, pixel_noise):
+    r"""Random translation plus Gaussian noise, both scaled by magnitudes.
+
+    .. math::
+
+       \tilde x_i = \mathrm{translate}(x_i, \mathrm{shift}\cdot u_i)
+                    + \mathrm{noise}\cdot z_i
+
+    Args:
+      images: ``(N, H, W, C)`` images.
+      shift: largest translation in pixels per axis (a traced scalar: this
+        is what the hypergradient differentiates).
+      noise: standard deviation of the pixel noise (a traced scalar).
+      directions: :math:`u`, ``(N, 2)`` in [-1, 1], drawn outside the loss.
+      pixel_noise: :math:`z`, shaped like ``images``, drawn outside.
+
+    Returns:
+      The augmented images.
+
+    Example:
+      >>> x = jnp.zeros((1, 4, 4, 1)).at[0, 1, 1, 0].set(1.0)
+      >>> y = augment(x, 1.0, 0.0, jnp.array([[0.5, 0.0]]), jnp.zeros_like(x))
+      >>> [float(v) for v in y[0, 1:3, 1, 0]]
+      [0.5, 0.5]
+    """
+    return translate(images, shift * directions) + noise * pixel_noise
+
+
+def draw_noise(rng, n, image_shape, dtype=np.float32):
+    """The random part of an augmented batch: ``u`` and ``z`` (numpy)."""
+    return {"shift": rng.uniform(-1.0, 1.0, (n, 2)).astype(dtype),
+            "pixel": rng.standard_normal((n,) + tuple(image_shape)
+                                         ).astype(dtype)}
+
+
+def magnitudes(hp):
+    """``m = sigmoid(logit)`` in [0, 1]: (shift, noise) fractions."""
+    return jax.nn.sigmoid(hp["logit"])
+
+
+# -- data, model, losses ------------------------------------------------------
+
+def load(args):
+    """``(N, H, W, 1)`` float32 images in [0, 1] and int32 labels."""
+    if args.data_dir:
+        splits = datasets.load_mnist_splits(args.data_dir, seed=args.seed)
+        scale = 255.0
+    else:
+        splits = datasets.load_digits_splits(seed=args.seed)
+        scale = 16.0
+    if splits.note:
+        print(splits.note)
+    out = []
+    for x, y in (splits.train, splits.val, splits.test):
+        out.append((jnp.asarray(x[..., None] / scale, jnp.float32),
+                    jnp.asarray(y, jnp.int32)))
+    if args.max_train:
+        out[0] = (out[0][0][:args.max_train], out[0][1][:args.max_train])
+    return out
+
+
+def init_mlp(key, sizes):
+    keys = jax.random.split(key, len(sizes) - 1)
+    return [{"w": jax.random.normal(k, (m, n)) * np.sqrt(2.0 / m),
+             "b": jnp.zeros(n)} for k, m, n in zip(keys, sizes, sizes[1:])]
+
+
+def logits(params, images):
+    # Roughly centred by fixed constants (pixels in [0, 1], mostly
+    # background), not per-pixel statistics: a translated image then goes
+    # through the same affine map as an untranslated one.
+    x = (images.reshape(len(images), -1) - 0.3) / 0.4
+    for layer in params[:-1]:
+        x = jax.nn.relu(x @ layer["w"] + layer["b"])
+    return x @ params[-1]["w"] + params[-1]["b"]
+
+
+def cross_entropy(params, images, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits(params, images), labels).mean()
+
+
+def make_losses(max_shift, max_noise):
+    """``train_loss(w, hp, batch)`` on augmented images, ``val_loss`` plain.
+
+    ``max_shift`` (pixels) and ``max_noise`` (pixel standard deviation) are
+    :math:`S` and :math:`\\sigma`: the magnitudes at ``m = 1``.
+    """
+    def train_loss(params, hp, batch):
+        m = magnitudes(hp)
+        x = augment(batch["x"], m[0] * max_shift, m[1] * max_noise,
+                    batch["shift"], batch["pixel"])
+        return cross_entropy(params, x, batch["y"])
+
+    def val_loss(params, hp, batch):
+        del hp  # validation images are not augmented
+        return cross_entropy(params, batch["x"], batch["y"])
+
+    return train_loss, val_loss
+
+
+def initial_hyperparams(magnitude):
+    m = float(np.clip(magnitude, 1e-4, 1 - 1e-4))
+    return {"logit": jnp.full((2,), np.log(m / (1 - m)), jnp.float32)}
+
+
+@jax.jit
+def evaluate(params, images, labels):
+    out = logits(params, images)
+    ce = optax.softmax_cross_entropy_with_integer_labels(out, labels).mean()
+    return ce, jnp.mean(jnp.argmax(out, -1) == labels)
+
+
+# -- batches (a pure function of the seed and step) ---------------------------
+
+def train_batch(train, args, step):
+    rng = np.random.default_rng([args.seed, 0, step])
+    idx = rng.integers(0, len(train[1]), args.batch_size)
+    batch = {"x": train[0][idx], "y": train[1][idx]}
+    batch.update(draw_noise(rng, args.batch_size, train[0].shape[1:]))
+    return batch
+
+
+def val_batch(val, args, step):
+    rng = np.random.default_rng([args.seed, 1, step])
+    idx = rng.integers(0, len(val[1]), args.batch_size)
+    return {"x": val[0][idx], "y": val[1][idx]}
+
+
+# -- the runs -----------------------------------------------------------------
+
+def run_tuned(name, opt, params, hp, data, args):
+    """T1–T2 or HyperDistill: returns the final state and the curve."""
+    train, val, _ = data
+    if name == "HyperDistill":
+        state = opt.init(params, hp, batch=train_batch(train, args, 0))
+    else:
+        state = opt.init(params, hp)
+    curve = []
+    bar = tqdm(range(args.steps), desc=name, leave=False)
+    for step in bar:
+        state = opt.step(state, train_batch(train, args, step),
+                         val_batch(val, args, step))
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            m = np.asarray(magnitudes(state.hyperparams))
+            loss = float(evaluate(state.params, *val)[0])
+            curve.append({"step": step + 1, "val_loss": loss,
+                          "grad_evals": (step + 1) * COST_PER_STEP[name],
+                          "shift": float(m[0]), "noise": float(m[1])})
+            bar.set_postfix(shift=f"{m[0]:.2f}", noise=f"{m[1]:.2f}")
+    return state, curve
+
+
+def make_plain_step(train_loss, inner):
+    """One jitted SGD step with the magnitudes as a traced argument, so the
+    baseline and every grid value share one compilation."""
+    @jax.jit
+    def step(params, opt_state, hp, batch):
+        grads = jax.grad(train_loss)(params, hp, batch)
+        updates, opt_state = inner.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+    return step
+
+
+def run_fixed(name, step_fn, inner, params, magnitude, data, args, steps):
+    """Plain SGD with the magnitudes held at ``magnitude`` (0: none)."""
+    train, val, _ = data
+    if magnitude == 0.0:  # exactly zero, not sigmoid of a large negative
+        hp = {"logit": jnp.full((2,), -jnp.inf, jnp.float32)}
+    else:
+        hp = initial_hyperparams(magnitude)
+    opt_state = inner.init(params)
+    curve = []
+    for step in tqdm(range(steps), desc=name, leave=False):
+        params, opt_state = step_fn(params, opt_state, hp,
+                                    train_batch(train, args, step))
+        if (step + 1) % args.eval_every == 0 or step + 1 == steps:
+            curve.append({"step": step + 1, "grad_evals": step + 1,
+                          "val_loss": float(evaluate(params, *val)[0])})
+    return params, curve
+
+
+# -- main ---------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", help="directory with MNIST IDX files "
+                   "(default: scikit-learn's digits)")
+    p.add_argument("--steps", type=int, default=1500,
+                   help="inner steps of each tuned run")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--lr", type=float, default=0.05,
+                   help="SGD learning rate (momentum 0.9)")
+    p.add_argument("--outer-lr", type=float, default=0.05,
+                   help="Adam learning rate of the magnitude logits")
+    p.add_argument("--init-magnitude", type=float, default=0.2,
+                   help="initial m_shift = m_noise of the tuned runs")
+    p.add_argument("--max-shift", type=float, default=0.25,
+                   help="largest translation (m = 1) as a fraction of the "
+                   "image side")
+    p.add_argument("--max-noise", type=float, default=0.5,
+                   help="largest pixel-noise std (m = 1), pixels in [0, 1]")
+    p.add_argument("--grid", default="0.2,0.5,0.8",
+                   help="fixed magnitudes m_shift = m_noise to compare")
+    p.add_argument("--methods", default="T1-T2,HyperDistill",
+                   help="comma-separated tuned methods: T1-T2, HyperDistill")
+    p.add_argument("--gamma", type=float, default=0.9,
+                   help="HyperDistill discount")
+    p.add_argument("--max-train", type=int, default=0,
+                   help="use at most this many training examples (0: all)")
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/augmentation",
+                   help="directory for plots and results.json")
+    p.add_argument("--quick", action="store_true",
+                   help="a few steps on a small subset (for tests)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.eval_every, args.hidden = 40, 10, 32
+        args.max_train = args.max_train or 300
+    grid = [float(g) for g in args.grid.split(",") if g.strip()]
+    if not grid or any(not 0.0 < g <= 1.0 for g in grid):
+        p.error(f"--grid must be magnitudes in (0, 1]; got {args.grid!r}")
+    args.grid_values = grid
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(COST_PER_STEP))
+    if unknown:
+        p.error(f"unknown --methods {unknown}; choose from "
+                f"{sorted(COST_PER_STEP)}")
+    args.method_list = methods
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    data = load(args)
+    train, val, test = data
+    side = train[0].shape[1]
+    train_loss, val_loss = make_losses(args.max_shift * side, args.max_noise)
+    sizes = (side * side, args.hidden, args.hidden, 10)
+    params = init_mlp(jax.random.PRNGKey(args.seed), sizes)
+    inner = optax.sgd(args.lr, momentum=0.9)
+    hp0 = initial_hyperparams(args.init_magnitude)
+    rows, curves = [], {}
+
+    def add_row(name, p, evals, seconds, m, note=""):
+        vloss, _ = evaluate(p, *val)
+        _, acc = evaluate(p, *test)
+        rows.append({"method": name, "val_loss": float(vloss),
+                     "test_acc": float(acc), "grad_evals": int(evals),
+                     "seconds": seconds, "shift": float(m[0]),
+                     "noise": float(m[1]), "note": note})
+
+    for name in args.method_list:
+        opt = (gh.T1T2(train_loss, val_loss, inner, optax.adam(args.outer_lr))
+               if name == "T1-T2" else
+               gh.HyperDistill(train_loss, val_loss, inner,
+                               optax.adam(args.outer_lr), gamma=args.gamma,
+                               seed=args.seed))
+        start = time.perf_counter()
+        state, curves[name] = run_tuned(name, opt, params, hp0, data, args)
+        add_row(f"{name} tuned", state.params,
+                args.steps * COST_PER_STEP[name], time.perf_counter() - start,
+                np.asarray(magnitudes(state.hyperparams)))
+
+    step_fn = make_plain_step(train_loss, inner)
+    start = time.perf_counter()
+    p, curves["no augmentation"] = run_fixed(
+        "no augmentation", step_fn, inner, params, 0.0, data, args,
+        args.steps)
+    add_row("no augmentation", p, args.steps, time.perf_counter() - start,
+            (0.0, 0.0))
+    # The grid shares the budget of one tuned run: 3 gradient evaluations per
+    # tuned step, split evenly over the grid values.
+    budget = args.steps * max(
+        [COST_PER_STEP[m] for m in args.method_list] or [3])
+    grid_steps = max(1, budget // len(args.grid_values))
+    grid_rows = []
+    for g in args.grid_values:
+        name = f"fixed m={g:g}"
+        start = time.perf_counter()
+        p, curves[name] = run_fixed(name, step_fn, inner, params, g, data,
+                                    args, grid_steps)
+        add_row(name, p, grid_steps, time.perf_counter() - start, (g, g))
+        grid_rows.append(rows[-1])
+    best = min(grid_rows, key=lambda r: r["val_loss"])
+    best["note"] = "best of grid"
+    grid_total = {"method": "grid (total)", "grad_evals": sum(
+        r["grad_evals"] for r in grid_rows), "seconds": sum(
+        r["seconds"] for r in grid_rows)}
+
+    print_table(rows, grid_total)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"args": {k: v for k, v in vars(args).items()},
+                   "initial_magnitude": args.init_magnitude,
+                   "rows": rows, "grid_total": grid_total,
+                   "curves": curves}, f, indent=1)
+    plot(curves, args)
+    return rows
+
+
+def print_table(rows, grid_total):
+    print(f"{'method':<18} {'val loss':>9} {'test acc':>9} {'grad evals':>11}"
+          f" {'time [s]':>9} {'m_shift':>8} {'m_noise':>8}")
+    for r in rows:
+        print(f"{r['method']:<18} {r['val_loss']:>9.4f} {r['test_acc']:>9.3f}"
+              f" {r['grad_evals']:>11d} {r['seconds']:>9.1f}"
+              f" {r['shift']:>8.3f} {r['noise']:>8.3f}  {r['note']}")
+    print(f"{grid_total['method']:<18} {'':>9} {'':>9} "
+          f"{grid_total['grad_evals']:>11d} {grid_total['seconds']:>9.1f}")
+
+
+def plot(curves, args):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, curve in curves.items():
+        axes[0].plot([c["grad_evals"] for c in curve],
+                     [c["val_loss"] for c in curve], marker=".", label=name)
+        if "shift" in curve[0]:
+            for key, style in zip(NAMES, ("-", "--")):
+                axes[1].plot([c["step"] for c in curve],
+                             [c[key] for c in curve], style,
+                             label=f"{name}: m_{key}")
+    axes[0].set(xlabel="gradient evaluations", ylabel="validation loss",
+                title="validation loss")
+    axes[1].axhline(args.init_magnitude, color="grey", lw=0.5)
+    axes[1].set(xlabel="inner step", ylabel="magnitude m", ylim=(0, 1),
+                title="learned augmentation magnitudes")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "augmentation.png"), dpi=120)
+    plt.close("all")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""The main example: quick end-to-end run, real MNIST files, and bit-exact
+resume after SIGKILL."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
+sys.path.insert(0, str(ROOT / "examples"))
+
+
+def test_quick_run_table_and_plots(tmp_path):
+    import mnist
+    rows = mnist.main(["--quick", "--out", str(tmp_path)])
+    by_name = {r[0]: r for r in rows}
+    assert set(by_name) == {"T1-T2", "Greedy", "HyperDistill", "untuned",
+                            "random search"}
+    # the same gradient-evaluation budget for every tuning method
+    assert {by_name[m][3] for m in ["T1-T2", "Greedy", "HyperDistill",
+                                    "random search"]} == {144}
+    # every gradient-based method beats the untuned hyperparameters
+    for m in ["T1-T2", "Greedy", "HyperDistill"]:
+        assert by_name[m][1] < by_name["untuned"][1], rows
+    results = json.loads((tmp_path / "results.json").read_text())
+    curve = results["curves"]["T1-T2"]
+    assert [c["grad_evals"] for c in curve] == list(range(24, 145, 24))
+    assert curve[-1]["log_lr"] != pytest.approx(np.log(0.02))
+    assert (tmp_path / "val_loss.png").stat().st_size > 0
+    assert (tmp_path / "hyperparameters.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(not MNIST_DIR.exists(), reason="no shared MNIST files")
+def test_runs_on_the_real_mnist_test_files(tmp_path, capsys):
+    import mnist
+    rows = mnist.main(["--quick", "--data-dir", str(MNIST_DIR),
+                       "--methods", "T1-T2", "--out", str(tmp_path)])
+    assert "test" in capsys.readouterr().out.lower()
+    assert rows[0][0] == "T1-T2" and 0.0 < rows[0][2] <= 1.0
+
+
+def _run(args, **kwargs):
+    env = dict(os.environ, MPLBACKEND="Agg", JAX_PLATFORMS="cpu")
+    script = str(ROOT / "examples" / "mnist.py")
+    return subprocess.Popen([sys.executable, script] + args,
+                            env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def _arrays(path):
+    with np.load(path) as f:
+        return {k: f[k].tobytes() for k in f.files}
+
+
+@pytest.mark.parametrize("method", ["T1-T2", "HyperDistill"])
+def test_sigkill_then_resume_is_bit_exact(tmp_path, method):
+    common = ["--quick", "--steps", "300", "--eval-every", "50",
+              "--methods", method, "--checkpoint-every", "5"]
+    ref_dir, dir_ = tmp_path / "ref", tmp_path / "killed"
+    ref = _run(common + ["--checkpoint-dir", str(ref_dir),
+                         "--out", str(tmp_path / "o1")])
+    victim = _run(common + ["--checkpoint-dir", str(dir_),
+                            "--out", str(tmp_path / "o2")])
+    ckpt = dir_ / f"{method}.npz"
+    deadline = time.time() + 240
+    while not ckpt.exists() and time.time() < deadline:
+        time.sleep(0.01)
+    assert ckpt.exists(), victim.communicate()[0]
+    time.sleep(0.3)                      # a few more steps, mid-run
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    import gradhpo as gh  # noqa: F401  (checkpoint readable on its own)
+    with np.load(ckpt) as f:
+        assert f.files                    # not torn by the kill
+    resumed = _run(common + ["--checkpoint-dir", str(dir_), "--resume",
+                             "--out", str(tmp_path / "o2")])
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, out
+    assert f"resuming {method}" in out
+    step = int(out.split("at step ")[1].split()[0])
+    assert 0 < step < 300, "the kill must land mid-run"
+    assert ref.communicate(timeout=300)[0] and ref.returncode == 0
+    name = f"{method}.npz"
+    assert _arrays(dir_ / name) == _arrays(ref_dir / name)
+    # the curve sidecar resumed too: one record per 50 steps
+    curve = json.loads((dir_ / f"{method}.json").read_text())
+    assert len(curve) == 6

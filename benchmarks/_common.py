@@ -16,6 +16,7 @@ benchmarks (Greedy, HyperDistill, warm starts) can reuse them.
 
 import dataclasses
 import json
+import os
 import platform
 import statistics
 import time
@@ -255,7 +256,9 @@ def _jaxlib_version() -> Optional[str]:
 
 
 def write_json(path: str, payload: Dict[str, Any]) -> None:
-    """Writes ``payload`` as indented JSON."""
+    """Writes ``payload`` as indented JSON (creating the directory)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
     with open(path, "w") as f:
         json.dump(payload, f, indent=2, sort_keys=False, default=str)
         f.write("\n")

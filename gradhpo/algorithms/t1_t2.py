@@ -131,12 +131,13 @@ class T1T2(BilevelOptimizer):
         if self.hypergradient == "exact":
             inner, pullback = gr.inner_step_vjp(
                 self.train_loss, self.inner_optimizer, state.params,
-                state.inner_opt_state, state.hyperparams, train_batch)
+                state.inner_opt_state, state.hyperparams, train_batch,
+                guard=True)
         else:
             inner, pullback = gr.finite_difference_step(
                 self.train_loss, self.inner_optimizer, state.params,
                 state.inner_opt_state, state.hyperparams, train_batch,
-                self.fd_radius)
+                self.fd_radius, guard=True)
         val_loss, v, direct = gr.value_and_grads(
             self.val_loss, inner.params, state.hyperparams, val_batch)
         hypergradient = jax.tree.map(lambda a, b: a + b, direct, pullback(v))
@@ -153,4 +154,5 @@ class T1T2(BilevelOptimizer):
              val_batch: DataBatch) -> BilevelState:
         hypergradient, inner, val_loss = self._hypergradient(
             state, train_batch, val_batch)
-        return self._finish_step(state, inner, hypergradient, val_loss)
+        return self._finish_step(state, inner, hypergradient, val_loss,
+                                 inner_guarded=True)

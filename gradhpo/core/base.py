@@ -277,7 +277,8 @@ class BilevelOptimizer(abc.ABC):
                      metadata: Optional[Dict[str, Any]] = None,
                      extra: Optional[Dict[str, Any]] = None,
                      outer: Optional[Callable] = None,
-                     inner_skips: Optional[jax.Array] = None
+                     inner_skips: Optional[jax.Array] = None,
+                     inner_guarded: bool = False
                      ) -> BilevelState:
         """Guards and applies an inner step and an outer update.
 
@@ -295,10 +296,17 @@ class BilevelOptimizer(abc.ABC):
             hypergradients.
           inner_skips: the number of skipped inner steps when ``inner``
             summarises several (default: 1 if ``inner`` is non-finite).
+          inner_guarded: ``inner`` was already guarded inside its update
+            (``guard=True`` in :mod:`gradhpo.utils.gradients`), which saves
+            a pass over the weights and optimizer state.
         """
-        inner = gr.guard_inner_step(inner, state.params,
-                                    state.inner_opt_state)
-        outer_ok = tu.all_finite(hypergradient)
+        if not inner_guarded:
+            inner = gr.guard_inner_step(inner, state.params,
+                                        state.inner_opt_state)
+        # one reduction serves as the finiteness check and the norm; a
+        # hypergradient through a skipped inner step is not applied either
+        sq = tu.sum_squares(hypergradient)
+        outer_ok = jnp.isfinite(sq) & inner.finite
         safe = tu.select(outer_ok, hypergradient, tu.zeros_like(hypergradient))
         if outer is None:
             new_hp, new_outer = gr.outer_update(
@@ -317,7 +325,7 @@ class BilevelOptimizer(abc.ABC):
         meta.update(
             train_loss=inner.loss.astype(fdt),
             val_loss=jnp.asarray(val_loss).astype(fdt),
-            hypergradient_norm=tu.norm(hypergradient).astype(fdt),
+            hypergradient_norm=jnp.sqrt(sq).astype(fdt),
             nonfinite_count=state.metadata["nonfinite_count"] + bad)
         meta.update({k: jnp.where(outer_ok, v, jnp.zeros_like(v))
                      for k, v in outer_meta.items()})

@@ -19,7 +19,7 @@ differentiated: they are closed over, and their hypergradient is reported as
 zero.
 """
 
-from typing import Any, Callable, NamedTuple, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -88,13 +88,27 @@ def init_inner_state(inner_optimizer: InnerOptimizer, params: PyTree,
 
 def apply_inner_update(inner_optimizer: InnerOptimizer, grads: PyTree,
                        opt_state: PyTree, params: PyTree,
-                       hyperparams: PyTree) -> Tuple[PyTree, PyTree]:
-    """:math:`(w + U_\\lambda(g, s, w), s^+)`: the optimizer part of a step."""
+                       hyperparams: PyTree,
+                       finite: Optional[jax.Array] = None
+                       ) -> Tuple[PyTree, PyTree]:
+    """:math:`(w + U_\\lambda(g, s, w), s^+)`: the optimizer part of a step.
+
+    With ``finite`` (a boolean scalar), the step is guarded: where it is
+    false, ``(params, opt_state)`` are returned unchanged. The select sits
+    inside the update so XLA fuses it with the update's own pass over the
+    weights (a select after the step would be one more pass over
+    :math:`w` and :math:`s`).
+    """
     tx = resolve_inner_optimizer(inner_optimizer, hyperparams)
+    synced = opt_state
     if not isinstance(inner_optimizer, optax.GradientTransformation):
-        opt_state = _sync_injected_hyperparams(tx, opt_state, params)
-    updates, new_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), new_state
+        synced = _sync_injected_hyperparams(tx, opt_state, params)
+    updates, new_state = tx.update(grads, synced, params)
+    new_params = optax.apply_updates(params, updates)
+    if finite is None:
+        return new_params, new_state
+    return (tu.select(finite, new_params, params),
+            tu.select(finite, new_state, opt_state))
 
 
 class InnerStep(NamedTuple):
@@ -115,16 +129,20 @@ class InnerStep(NamedTuple):
 
 def inner_step(train_loss: LossFn, inner_optimizer: InnerOptimizer,
                params: PyTree, opt_state: PyTree, hyperparams: PyTree,
-               batch: DataBatch) -> InnerStep:
+               batch: DataBatch, guard: bool = False) -> InnerStep:
     """One inner optimizer step :math:`\\Phi(w, s, \\lambda; D)`.
 
-    Pure and differentiable in ``params`` and ``hyperparams``. The step is
-    not guarded here; callers decide what to do when ``finite`` is false.
+    Pure and differentiable in ``params`` and ``hyperparams``. With
+    ``guard``, a non-finite gradient leaves ``(params, opt_state)``
+    unchanged (see :func:`apply_inner_update`); otherwise callers decide
+    what to do when ``finite`` is false.
     """
     loss, grads = jax.value_and_grad(train_loss)(params, hyperparams, batch)
+    finite = tu.all_finite(grads)
     new_params, new_state = apply_inner_update(
-        inner_optimizer, grads, opt_state, params, hyperparams)
-    return InnerStep(new_params, new_state, loss, tu.all_finite(grads))
+        inner_optimizer, grads, opt_state, params, hyperparams,
+        finite if guard else None)
+    return InnerStep(new_params, new_state, loss, finite)
 
 
 def guard_inner_step(out: InnerStep, params: PyTree,
@@ -138,7 +156,7 @@ def guard_inner_step(out: InnerStep, params: PyTree,
 def inner_step_vjp(
         train_loss: LossFn, inner_optimizer: InnerOptimizer, params: PyTree,
         opt_state: PyTree, hyperparams: PyTree, batch: DataBatch,
-        wrt_params: bool = False,
+        wrt_params: bool = False, guard: bool = False,
 ) -> Tuple[InnerStep, Callable[[PyTree], Any]]:
     """One inner step and the pullback of :math:`w^+` through it.
 
@@ -158,6 +176,9 @@ def inner_step_vjp(
       batch: :math:`D`.
       wrt_params: also return :math:`A^\\top v = (\\partial w^+/\\partial
         w)^\\top v` (HyperDistill's DrMAD sweep needs both from one VJP).
+      guard: keep :math:`(w, s)` when the inner gradient is non-finite
+        (:func:`inner_step`); the pullback is then zero or non-finite, and
+        the caller skips the outer update.
 
     Returns:
       ``(step, pullback)``. ``pullback(v)`` returns :math:`B^\\top v` shaped
@@ -168,7 +189,7 @@ def inner_step_vjp(
 
     def phi(w, lam):
         out = inner_step(train_loss, inner_optimizer, w, opt_state,
-                         tu.combine(lam, lam_rest), batch)
+                         tu.combine(lam, lam_rest), batch, guard)
         return out.params, (out.opt_state, out.loss, out.finite)
 
     if wrt_params:
@@ -253,7 +274,7 @@ def finite_difference_mixed_product(
 def finite_difference_step(
         train_loss: LossFn, inner_optimizer: InnerOptimizer, params: PyTree,
         opt_state: PyTree, hyperparams: PyTree, batch: DataBatch,
-        radius: float,
+        radius: float, guard: bool = False,
 ) -> Tuple[InnerStep, Callable[[PyTree], Any]]:
     r"""One inner step and a pullback whose mixed term is a finite difference.
 
@@ -279,21 +300,33 @@ def finite_difference_step(
     """
     lam_f, lam_rest = tu.partition_float(hyperparams)
     loss, grads = jax.value_and_grad(train_loss)(params, hyperparams, batch)
+    finite = tu.all_finite(grads)
 
     def update(g, lam):
         return apply_inner_update(inner_optimizer, g, opt_state, params,
-                                  tu.combine(lam, lam_rest))
+                                  tu.combine(lam, lam_rest),
+                                  finite if guard else None)
 
-    new_params, vjp_fn, new_state = jax.vjp(update, grads, lam_f,
-                                            has_aux=True)
+    if isinstance(inner_optimizer, optax.GradientTransformation):
+        # lambda does not enter the optimizer: no first-order term
+        new_params, vjp_g, new_state = jax.vjp(
+            lambda g: update(g, lam_f), grads, has_aux=True)
+
+        def vjp_fn(v):
+            return vjp_g(v)[0], None
+    else:
+        new_params, vjp_fn, new_state = jax.vjp(update, grads, lam_f,
+                                                has_aux=True)
 
     def pullback(v):
         u, opt_term = vjp_fn(v)
         mixed = finite_difference_mixed_product(
             train_loss, params, hyperparams, batch, u, radius)
+        if opt_term is None:
+            return mixed
         return tu.add(tu.fill_none(opt_term, hyperparams), mixed)
 
-    step = InnerStep(new_params, new_state, loss, tu.all_finite(grads))
+    step = InnerStep(new_params, new_state, loss, finite)
     return step, pullback
 
 

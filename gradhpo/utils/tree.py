@@ -112,13 +112,22 @@ def axpy(a: Any, x: PyTree, y: PyTree) -> PyTree:
     return jax.tree.map(lambda u, v: (a * u + v).astype(v.dtype), x, y)
 
 
-def norm(tree: PyTree) -> jax.Array:
-    """Global Euclidean norm over all floating leaves (0 for no leaves)."""
+def sum_squares(tree: PyTree) -> jax.Array:
+    """Sum of squared magnitudes over all floating leaves (0 for none).
+
+    One reduction gives both a finiteness check (the sum is finite exactly
+    when every entry is, barring overflow of the square) and the norm.
+    """
     leaves = [jnp.sum(jnp.square(jnp.abs(x))) for x in jax.tree.leaves(tree)
               if is_float_leaf(x)]
     if not leaves:
         return jnp.zeros(())
-    return jnp.sqrt(sum(leaves[1:], leaves[0]))
+    return sum(leaves[1:], leaves[0])
+
+
+def norm(tree: PyTree) -> jax.Array:
+    """Global Euclidean norm over all floating leaves (0 for no leaves)."""
+    return jnp.sqrt(sum_squares(tree))
 
 
 def size(tree: PyTree) -> int:

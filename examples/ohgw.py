@@ -1,0 +1,869 @@
+r"""One-shot hypergradient warm starts (OHGW) under ASHA and PASHA.
+
+The OHGW protocol (DESIGN.md §4) at a size this machine can run: a
+multi-fidelity scheduler samples configurations :math:`\psi` (log learning
+rate, log weight decay, momentum, label smoothing; plus augmentation
+magnitude with ``--full``); each variant trains either :math:`\psi` itself
+(``baseline``) or the warm-started :math:`\psi'` that
+:class:`gradhpo.integrations.optuna.OptunaWarmStart` returns, with the
+scheduler unmodified:
+
+- ``baseline``: no warm start;
+- ``ohgw1``: one hyper-step :math:`\psi' = \Pi(\psi - \eta_h \nabla_\psi J)`;
+- ``ohgw3``: three hyper-steps (the paper's control);
+- ``random``: one step of the same length in a random direction (control);
+- with ``--eta-sweep``: ``ohgw1`` at :math:`\eta_h \in \{10^{-4},
+  3\cdot10^{-4}, 10^{-3}, 3\cdot10^{-3}\}`.
+
+:math:`J(\psi)` is the plain validation cross-entropy on a held-out batch
+:math:`V` (128 validation examples) after ``--lookahead`` SGD steps from the
+common initial weights :math:`w_0` on the first training batches (ALGORITHMS.md
+§5.2: the literal "one mini-batch, training loss" rule has a zero gradient
+for the learning rate and momentum). The default lookahead is 2, because the
+momentum's derivative is exactly zero after one step from a zero buffer;
+``--lookahead 1`` is the paper's single mini-batch.
+
+**Pairing.** Seed :math:`s` fixes the sampler (Optuna's ``RandomSampler``,
+the usual companion of ASHA; ``--sampler tpe`` for TPE), the initial weights,
+the data order, :math:`B_{1..K}` and :math:`V`; every variant runs with the
+same seed, so with the random sampler all variants see the same sampled
+configurations and differ only by the warm start.
+
+**Scheduler.** One report per epoch (digits, MNIST) or per
+``--steps-per-report`` steps (``--full``) of validation accuracy (maximised),
+``--max-reports`` reports at most. ASHA is Optuna's
+``SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)``, PASHA is
+:class:`gradhpo.integrations.pasha.PASHAPruner` with the same rungs and
+``max_resource = --max-reports`` (a trial stopped at PASHA's current maximum
+returns its value and becomes COMPLETE).
+
+**Metrics** (per variant and seed, then paired across seeds):
+
+- T@τ: wall time and gradient evaluations from the start of the study until
+  the best validation accuracy reported by any trial first reaches the
+  target τ (``--target``). A run that never reaches it is *censored* at its
+  total; the JSON says how many reached it.
+- Best final metric: the test accuracy of the selected trial (ASHA: the best
+  COMPLETE trial by final validation accuracy; PASHA:
+  :func:`~gradhpo.integrations.pasha.pasha_best_trial`), not retrained.
+- AUC: the area under best-validation-accuracy versus time (and versus
+  gradient evaluations), divided by the horizon; the horizon of a seed is
+  the shortest total over the variants, so all variants are compared on the
+  same interval.
+- Warm-start overhead share: warm-start time and gradient evaluations over
+  the study's totals.
+- Seed variance: the standard deviation over seeds of each metric.
+- KL divergence between the final :math:`\psi` distributions of a variant
+  and the baseline: the configurations *trained* (:math:`\psi'` for warm
+  starts) by the trials selected at the highest fidelity reached, pooled
+  over seeds, each coordinate mapped to [0, 1] over its search range (log
+  range for log parameters); a Gaussian KDE (Scott's bandwidth) per
+  coordinate, KL integrated on a grid of 512 points over [-0.25, 1.25], and
+  the coordinates' KLs summed (the KL of the product of the marginals).
+  Null, with the reason, when a coordinate has fewer than two distinct
+  values.
+- Paired two-sided Wilcoxon signed-rank tests (``scipy.stats.wilcoxon``)
+  of each variant against the baseline over seeds. Null, with the reason,
+  when there are fewer than two pairs or every paired difference is zero.
+
+**Cost unit.** G = one forward and backward pass of the training loss on
+one batch (ALGORITHMS.md §0.3). A training step is 1 G; one warm-start
+hyper-step with lookahead :math:`K` is counted as :math:`3K + 1` G
+(:math:`K` inner gradients, their reverse-mode pass at about twice their
+cost, one validation gradient; §5.4 estimates 2–5 G for :math:`K = 1`).
+Evaluation passes are not counted in G (they are in the wall time).
+
+**Several processes, one study.** ``--storage`` takes an Optuna journal file
+path (``optuna.storages.JournalStorage`` with ``JournalFileBackend``; no
+server needed) or a database URL (``sqlite:///ohgw.db``,
+``postgresql://...``). ``--workers N`` then starts N - 1 more processes of
+this script on the same storage: each study (one per variant and seed,
+named ``{--study-name}-{scheduler}-{variant}-seed{s}``) gets its
+``--trials`` trials from all N processes together (process ``i`` runs trial
+share ``i``), and process 0 reads the finished studies back and reports. To
+spread the work over machines instead, run the script on each with the same
+``--storage``, ``--study-name``, ``--workers N`` and its own
+``--worker-index i`` (0 waits for nothing: start it last, or rerun it with
+``--analyse-only`` when the others are done). Every process uses its own
+sampler seed (derived from the seed and its index), so with several
+workers the pairing across variants is only approximate, and wall times of
+processes on different machines are compared through their clocks.
+
+Data: scikit-learn's digits (an MLP) by default; ``--data-dir`` reads MNIST
+IDX files (an MLP; when only the test files exist they are split and the
+output says so); ``--full`` runs ResNet-20 on CIFAR-10 (``--data-dir`` with
+the python batches; the model and augmentation of ``examples/cifar10.py``),
+which needs a GPU to finish in hours rather than weeks.
+
+Examples::
+
+    python examples/ohgw.py --quick                  # tests: under 90 s
+    python examples/ohgw.py --seeds 5                # digits, ASHA
+    python examples/ohgw.py --scheduler pasha --eta-sweep
+    python examples/ohgw.py --data-dir ../shared/data/mnist --target 0.9
+    python examples/ohgw.py --storage runs/ohgw.journal --workers 2
+    python examples/ohgw.py --full --data-dir ~/data/cifar10 --trials 64
+"""
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import optuna
+from jax import lax
+from tqdm import tqdm
+
+import gradhpo as gh
+from gradhpo import datasets
+from gradhpo.integrations.optuna import OptunaWarmStart
+from gradhpo.integrations.pasha import (PASHADecision, PASHAPruner,
+                                        pasha_best_trial)
+from gradhpo.utils import gradients as gr
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ETAS = (1e-4, 3e-4, 1e-3, 3e-3)
+KL_GRID = np.linspace(-0.25, 1.25, 512)
+
+
+# -- the search space ---------------------------------------------------------
+
+def suggest(trial, full):
+    """Samples :math:`\\psi`; log parameters are stepped in log space."""
+    values = {
+        "lr": trial.suggest_float("lr", 1e-3, 1.0, log=True),
+        "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-1,
+                                            log=True),
+        "momentum": trial.suggest_float("momentum", 0.0, 0.95),
+        "label_smoothing": trial.suggest_float("label_smoothing", 0.0, 0.3),
+    }
+    if full:
+        values["aug_magnitude"] = trial.suggest_float("aug_magnitude",
+                                                      0.0, 1.0)
+    return values
+
+
+LOG_NAMES = ("lr", "weight_decay")
+
+
+def coordinates(values):
+    """``{name: coordinate}`` as the losses read it (log for lr and wd)."""
+    return {k: jnp.asarray(math.log(v) if k in LOG_NAMES else v, jnp.float32)
+            for k, v in values.items()}
+
+
+def smoothed_ce(logits, labels, smoothing):
+    targets = optax.smooth_labels(
+        jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+    return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+def inner_optimizer(mask=None):
+    def make(hp):
+        return optax.chain(
+            optax.add_decayed_weights(jnp.exp(hp["weight_decay"]), mask),
+            optax.sgd(jnp.exp(hp["lr"]), momentum=hp["momentum"]))
+    return make
+
+
+# -- tasks: the default MLP and the --full ResNet-20 --------------------------
+
+def mlp_task(args):
+    """An MLP on digits (or MNIST); one report per epoch. The functions are
+    built once (compiled once for all seeds and variants); ``for_seed``
+    gives a seed's initial weights, data order and warm-start batches."""
+    if args.data_dir:
+        splits = datasets.load_mnist_splits(args.data_dir, seed=args.seed)
+    else:
+        splits = datasets.load_digits_splits(seed=args.seed)
+    (xtr, ytr), (xva, yva), (xte, yte) = splits.train, splits.val, splits.test
+    flat = [x.reshape(len(x), -1).astype(np.float32) for x in (xtr, xva, xte)]
+    xtr, xva, xte = datasets.standardize(*flat)
+    if args.max_train:
+        xtr, ytr = xtr[:args.max_train], ytr[:args.max_train]
+    train = (jnp.asarray(xtr), jnp.asarray(ytr, jnp.int32))
+    val = (jnp.asarray(xva), jnp.asarray(yva, jnp.int32))
+    test = (jnp.asarray(xte), jnp.asarray(yte, jnp.int32))
+    sizes = (xtr.shape[1], args.hidden, args.hidden, 10)
+
+    def logits(params, x):
+        for layer in params[:-1]:
+            x = jax.nn.relu(x @ layer["w"] + layer["b"])
+        return x @ params[-1]["w"] + params[-1]["b"]
+
+    def train_loss(params, hp, batch):
+        return smoothed_ce(logits(params, batch[0]), batch[1],
+                           hp["label_smoothing"])
+
+    def val_loss(params, hp, batch):
+        del hp
+        return optax.softmax_cross_entropy_with_integer_labels(
+            logits(params, batch[0]), batch[1]).mean()
+
+    inner = inner_optimizer()
+    per_epoch = len(ytr) // args.batch_size
+
+    @jax.jit
+    def train_epoch(params, opt_state, hp, idx, x, y):
+        def body(carry, i):
+            out = gr.guard_inner_step(
+                gr.inner_step(train_loss, inner, carry[0], carry[1], hp,
+                              (x[i], y[i])), *carry)
+            return (out.params, out.opt_state), out.loss
+        return lax.scan(body, (params, opt_state), idx)[0]
+
+    @jax.jit
+    def accuracy(params, x, y):
+        return jnp.mean(jnp.argmax(logits(params, x), -1) == y)
+
+    def for_seed(seed):
+        keys = jax.random.split(jax.random.PRNGKey(seed), len(sizes) - 1)
+        params0 = [{"w": jax.random.normal(k, (m, n)) * np.sqrt(2.0 / m),
+                    "b": jnp.zeros(n)}
+                   for k, m, n in zip(keys, sizes, sizes[1:])]
+        rng = np.random.default_rng([seed, 0])
+        order = jnp.asarray(np.stack([
+            rng.permutation(len(ytr))[:per_epoch * args.batch_size]
+            .reshape(per_epoch, args.batch_size)
+            for _ in range(args.max_reports)]))
+        first = order[0, :args.lookahead]
+        ws_train = (train[0][first], train[1][first])
+        if args.lookahead == 1:
+            ws_train = jax.tree.map(lambda x: x[0], ws_train)
+        v = np.random.default_rng([seed, 1]).choice(
+            len(yva), min(args.batch_size, len(yva)), replace=False)
+        return types.SimpleNamespace(
+            params0=params0, ws_train=ws_train, ws_val=(val[0][v], val[1][v]),
+            train_chunk=lambda p, s, hp, r: train_epoch(p, s, hp, order[r],
+                                                        *train))
+
+    return types.SimpleNamespace(
+        name=splits.source, note=splits.note, train_loss=train_loss,
+        val_loss=val_loss, inner=inner, steps_per_report=per_epoch,
+        val_accuracy=lambda p: float(accuracy(p, *val)),
+        test_accuracy=lambda p: float(accuracy(p, *test)),
+        for_seed=for_seed)
+
+
+def resnet_task(args):
+    """ResNet-20 on CIFAR-10 with the augmentation of examples/cifar10.py."""
+    sys.path.insert(0, HERE)
+    import cifar10   # the sibling example: model, data, augmentation
+
+    data_dir = args.data_dir
+    if data_dir is None:
+        if not args.quick:
+            raise SystemExit(cifar10.NO_DATA)
+        data_dir = cifar10.write_fake_cifar10(
+            os.path.join(args.out, "fake_cifar10"))
+    train, val, test = cifar10.load(data_dir, args.seed, args.max_train)
+    model = cifar10.ResNet(width=args.width, blocks=args.blocks)
+
+    def train_loss(params, hp, batch):
+        m = hp["aug_magnitude"]
+        x = cifar10.augment(batch["x"], m * cifar10.MAX_SHIFT,
+                            m * cifar10.MAX_NOISE, batch["shift"],
+                            batch["pixel"])
+        return smoothed_ce(model.apply({"params": params}, x), batch["y"],
+                           hp["label_smoothing"])
+
+    def val_loss(params, hp, batch):
+        del hp
+        return optax.softmax_cross_entropy_with_integer_labels(
+            model.apply({"params": params}, batch["x"]), batch["y"]).mean()
+
+    inner = inner_optimizer(cifar10.decay_mask)
+
+    @jax.jit
+    def train_step(params, opt_state, hp, batch):
+        out = gr.guard_inner_step(gr.inner_step(
+            train_loss, inner, params, opt_state, hp, batch),
+            params, opt_state)
+        return out.params, out.opt_state
+
+    evaluate = cifar10.make_evaluate(model, 500)
+
+    def for_seed(seed):
+        params0 = model.init(jax.random.PRNGKey(seed),
+                             jnp.zeros((1, 32, 32, 3)))["params"]
+        batch_args = types.SimpleNamespace(seed=seed,
+                                           batch_size=args.batch_size)
+
+        def train_chunk(params, opt_state, hp, r):
+            for i in range(args.steps_per_report):
+                batch = cifar10.train_batch(train, batch_args,
+                                            r * args.steps_per_report + i)
+                params, opt_state = train_step(params, opt_state, hp, batch)
+            return params, opt_state
+
+        ws = [cifar10.train_batch(train, batch_args, i)
+              for i in range(args.lookahead)]
+        ws_train = ws[0] if args.lookahead == 1 else jax.tree.map(
+            lambda *x: np.stack(x), *ws)
+        return types.SimpleNamespace(
+            params0=params0, ws_train=ws_train, train_chunk=train_chunk,
+            ws_val=cifar10.val_batch(val, batch_args, 0))
+
+    return types.SimpleNamespace(
+        name=f"CIFAR-10 from {data_dir}", note=None, train_loss=train_loss,
+        val_loss=val_loss, inner=inner,
+        steps_per_report=args.steps_per_report,
+        val_accuracy=lambda p: float(evaluate(p, val, args.eval_size)[1]),
+        test_accuracy=lambda p: float(evaluate(p, test)[1]),
+        for_seed=for_seed)
+
+
+# -- variants -----------------------------------------------------------------
+
+def variants(args):
+    """``{name: (num_steps, direction, eta)}``; None for the baseline."""
+    out = {"baseline": None, "ohgw1": (1, "hypergradient", args.eta),
+           "ohgw3": (3, "hypergradient", args.eta),
+           "random": (1, "random", args.eta)}
+    if args.eta_sweep:
+        for eta in ETAS:
+            if eta != args.eta:
+                out[f"ohgw1_eta{eta:.0e}"] = (1, "hypergradient", eta)
+    if args.variants:
+        keep = args.variants.split(",")
+        unknown = sorted(set(keep) - set(out))
+        if unknown:
+            raise SystemExit(f"--variants: unknown {unknown}; choose from "
+                             f"{sorted(out)}")
+        out = {k: v for k, v in out.items() if k in keep}
+    return out
+
+
+def make_helpers(task, args):
+    helpers = {}
+    for name, spec in variants(args).items():
+        if spec is None:
+            helpers[name] = None
+            continue
+        num_steps, direction, eta = spec
+        helpers[name] = OptunaWarmStart(gh.OneShotWarmStart(
+            task.train_loss, task.val_loss, task.inner, step_size=eta,
+            num_steps=num_steps, lookahead=args.lookahead,
+            direction=direction, seed=args.seed))
+    return helpers
+
+
+def warm_start_cost(helper):
+    ws = helper.warm_start
+    return ws.num_steps * (3 * ws.lookahead + 1)
+
+
+# -- one study ----------------------------------------------------------------
+
+def make_pruner(args):
+    if args.scheduler == "pasha":
+        return PASHAPruner(min_resource=1, reduction_factor=3,
+                           max_resource=args.max_reports)
+    return optuna.pruners.SuccessiveHalvingPruner(min_resource=1,
+                                                  reduction_factor=3)
+
+
+def make_objective(task, run, helper, args, pruner, t0):
+    def objective(trial):
+        sampled = suggest(trial, args.full)
+        events = []
+        if helper is None:
+            values = sampled
+        else:
+            values = helper.apply(trial, run.params0, run.ws_train,
+                                  run.ws_val)
+            events.append([time.time() - t0, warm_start_cost(helper), None])
+        hp = coordinates(values)
+        params = run.params0
+        opt_state = gr.init_inner_state(task.inner, params, hp)
+        trial.set_user_attr("worker", os.getpid())
+        for r in range(args.max_reports):
+            params, opt_state = run.train_chunk(params, opt_state, hp, r)
+            acc = task.val_accuracy(params)
+            events.append([time.time() - t0, task.steps_per_report, acc])
+            trial.report(acc, r)
+            if r + 1 < args.max_reports and trial.should_prune():
+                trial.set_user_attr("events", events)
+                if (isinstance(pruner, PASHAPruner) and
+                        pruner.last_decision(trial.number)
+                        is PASHADecision.STOP_AT_MAX):
+                    trial.set_user_attr("test_accuracy",
+                                        task.test_accuracy(params))
+                    return acc
+                raise optuna.TrialPruned()
+        trial.set_user_attr("events", events)
+        trial.set_user_attr("test_accuracy", task.test_accuracy(params))
+        return acc
+    return objective
+
+
+def open_storage(spec):
+    if spec is None:
+        return None
+    if "://" in spec:
+        return spec
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+    return JournalStorage(JournalFileBackend(spec))
+
+
+def worker_seed(seed, index):
+    if index == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def study_name(args, variant, seed):
+    return f"{args.study_name}-{args.scheduler}-{variant}-seed{seed}"
+
+
+def run_study(task, run, helper, args, variant, seed, storage, bar):
+    sampler = (optuna.samplers.TPESampler if args.sampler == "tpe" else
+               optuna.samplers.RandomSampler)(
+        seed=worker_seed(seed, args.worker_index))
+    pruner = make_pruner(args)
+    study = optuna.create_study(
+        storage=storage, study_name=study_name(args, variant, seed),
+        direction="maximize", sampler=sampler, pruner=pruner,
+        load_if_exists=storage is not None)
+    if "t0" not in study.user_attrs:
+        study.set_user_attr("t0", time.time())
+    t0 = study.user_attrs["t0"]
+    share = (args.trials // args.workers
+             + (args.worker_index < args.trials % args.workers))
+    study.optimize(make_objective(task, run, helper, args, pruner, t0),
+                   n_trials=share, callbacks=[lambda s, t: bar.update()])
+    return study
+
+
+def warm_up(task, run, helpers, args):
+    """Compiles everything once, before any clock starts."""
+    fixed = optuna.create_study().ask()
+    sampled = suggest(fixed, args.full)
+    hp = coordinates(sampled)
+    state = gr.init_inner_state(task.inner, run.params0, hp)
+    jax.block_until_ready(run.train_chunk(run.params0, state, hp, 0))
+    task.val_accuracy(run.params0)
+    task.test_accuracy(run.params0)
+    for helper in helpers.values():
+        if helper is not None:
+            dummy = optuna.trial.create_trial(
+                params=sampled, distributions=fixed.distributions, value=0.0)
+            helper.apply(dummy, run.params0, run.ws_train, run.ws_val)
+
+
+# -- analysis -----------------------------------------------------------------
+
+def final_trials(study, pruner, args):
+    """The trials at the highest fidelity and the selected one."""
+    done = [t for t in study.trials if t.number < args.trials and t.state in
+            (optuna.trial.TrialState.COMPLETE,
+             optuna.trial.TrialState.PRUNED)]
+    if not done:
+        return [], None
+    top = max(t.last_step if t.last_step is not None else -1 for t in done)
+    finals = [t for t in done if t.last_step == top
+              and "test_accuracy" in t.user_attrs]
+    best = None
+    if isinstance(pruner, PASHAPruner):
+        try:
+            best = pasha_best_trial(study, pruner)
+        except ValueError:
+            best = None
+    if best is None or "test_accuracy" not in best.user_attrs:
+        best = max(finals, key=lambda t: (t.value, -t.number),
+                   default=None)
+    return finals, best
+
+
+def analyse_run(study, args):
+    trials = [t for t in study.trials if t.number < args.trials
+              and "events" in t.user_attrs]
+    events = sorted((e for t in trials for e in t.user_attrs["events"]),
+                    key=lambda e: e[0])
+    times = np.array([e[0] for e in events])
+    grads = np.cumsum([e[1] for e in events])
+    accs = np.array([np.nan if e[2] is None else e[2] for e in events])
+    best = np.fmax.accumulate(np.where(np.isnan(accs), -np.inf, accs))
+    best = np.where(np.isfinite(best), best, 0.0)
+    hit = np.nonzero(best >= args.target)[0]
+    reached = bool(hit.size)
+    i = hit[0] if reached else len(times) - 1
+    finals, chosen = final_trials(study, make_pruner(args), args)
+    ws_time = sum(t.user_attrs.get("ohgw_seconds", 0.0) for t in trials)
+    ws_grads = sum(e[1] for t in trials for e in t.user_attrs["events"]
+                   if e[2] is None)
+    return {
+        "study": study.study_name, "n_trials": len(study.trials),
+        "reached_target": reached,
+        "t_at_target_seconds": float(times[i]),
+        "t_at_target_grad_evals": float(grads[i]),
+        "total_seconds": float(times[-1]),
+        "total_grad_evals": float(grads[-1]),
+        "best_val_accuracy": float(best[-1]),
+        "final_val_accuracy": None if chosen is None else chosen.value,
+        "final_test_accuracy": None if chosen is None else
+        chosen.user_attrs["test_accuracy"],
+        "overhead_time_share": ws_time / max(float(times[-1]), 1e-12),
+        "overhead_grad_share": ws_grads / float(grads[-1]),
+        "final_psi": [t.user_attrs.get("ohgw_values", t.params)
+                      for t in finals],
+        "n_final": len(finals),
+        "statuses": sorted({t.user_attrs.get("ohgw_status", "none")
+                            for t in trials}),
+        "curve": {"seconds": times.tolist(), "grad_evals": grads.tolist(),
+                  "best": best.tolist()},
+        "workers": len({t.user_attrs.get("worker") for t in trials}),
+    }
+
+
+def area(xs, best, horizon):
+    """Area under the step function best(x) on [0, horizon] / horizon."""
+    xs, best = np.asarray(xs), np.asarray(best)
+    edges = np.clip(np.append(xs, horizon), 0, horizon)
+    return float(np.sum(best * np.diff(edges)) / horizon)
+
+
+def wilcoxon(a, b):
+    """Paired two-sided Wilcoxon p-value, or (None, reason)."""
+    from scipy.stats import wilcoxon as test
+    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+    if len(pairs) < 2:
+        return None, f"too few pairs ({len(pairs)})"
+    d = np.array([x - y for x, y in pairs], dtype=float)
+    if np.all(d == 0):
+        return None, "all paired differences are zero (ties)"
+    return float(test(d, alternative="two-sided").pvalue), None
+
+
+def unit_box(args):
+    box = {"lr": (1e-3, 1.0), "weight_decay": (1e-6, 1e-1),
+           "momentum": (0.0, 0.95), "label_smoothing": (0.0, 0.3)}
+    if args.full:
+        box["aug_magnitude"] = (0.0, 1.0)
+    return box
+
+
+def kl_divergence(p_samples, q_samples, args):
+    """Sum over coordinates of KL(p || q) between Gaussian KDEs of the
+    coordinates mapped to [0, 1] (see the module docstring)."""
+    from scipy.stats import gaussian_kde
+    total = 0.0
+    for name, (lo, hi) in unit_box(args).items():
+        log = name in LOG_NAMES
+        f = (lambda v: (math.log(v) - math.log(lo))
+             / (math.log(hi) - math.log(lo))) if log else \
+            (lambda v: (v - lo) / (hi - lo))
+        p = np.array([f(s[name]) for s in p_samples])
+        q = np.array([f(s[name]) for s in q_samples])
+        if len(np.unique(p)) < 2 or len(np.unique(q)) < 2:
+            return None, (f"{name}: fewer than two distinct final values "
+                          f"({len(np.unique(p))} and {len(np.unique(q))})")
+        dp, dq = gaussian_kde(p)(KL_GRID), gaussian_kde(q)(KL_GRID)
+        dp, dq = dp / dp.sum(), dq / dq.sum()
+        dq = np.maximum(dq, 1e-300)
+        mask = dp > 0
+        total += float(np.sum(dp[mask] * np.log(dp[mask] / dq[mask])))
+    return total, None
+
+
+def summarise(runs, args):
+    """Per-variant summaries and paired comparisons with the baseline."""
+    names = list(runs)
+    seeds = sorted({s for r in runs.values() for s in r})
+    for s in seeds:     # common horizons per seed
+        h_t = min(runs[n][s]["total_seconds"] for n in names)
+        h_g = min(runs[n][s]["total_grad_evals"] for n in names)
+        for n in names:
+            run, c = runs[n][s], runs[n][s]["curve"]
+            run["auc_time"] = area(c["seconds"], c["best"], h_t)
+            run["auc_grad_evals"] = area(c["grad_evals"], c["best"], h_g)
+    metrics = ("t_at_target_seconds", "t_at_target_grad_evals",
+               "final_test_accuracy", "auc_time", "auc_grad_evals",
+               "overhead_time_share", "overhead_grad_share")
+    out = {}
+    base = runs.get("baseline")
+    for n in names:
+        per_seed = [runs[n][s] for s in seeds]
+        summary = {"reached_target": sum(r["reached_target"]
+                                         for r in per_seed),
+                   "seeds": len(seeds)}
+        for m in metrics:
+            vals = [r[m] for r in per_seed if r[m] is not None]
+            summary[m] = {"mean": float(np.mean(vals)) if vals else None,
+                          "std": float(np.std(vals, ddof=1))
+                          if len(vals) > 1 else None}
+        comparison = {}
+        if base is not None and n != "baseline":
+            for m in metrics[:5]:
+                a = [runs[n][s][m] for s in seeds]
+                b = [base[s][m] for s in seeds]
+                p, reason = wilcoxon(a, b)
+                comparison[m] = {"p_value": p, "reason": reason}
+            for m in ("t_at_target_seconds", "t_at_target_grad_evals"):
+                rel = [1 - runs[n][s][m] / base[s][m] for s in seeds
+                       if base[s][m] > 0]
+                comparison[m]["mean_reduction"] = float(np.mean(rel))
+                comparison[m]["median_reduction"] = float(np.median(rel))
+            kl, reason = kl_divergence(
+                [p for s in seeds for p in runs[n][s]["final_psi"]],
+                [p for s in seeds for p in base[s]["final_psi"]], args)
+            comparison["kl_final_psi"] = {"value": kl, "reason": reason}
+        out[n] = {"summary": summary, "vs_baseline": comparison}
+    return out
+
+
+# -- output -------------------------------------------------------------------
+
+def fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def print_table(summary, args):
+    print(f"\nT@tau with tau = {args.target:.3f} validation accuracy; "
+          f"{args.scheduler.upper()}, {len(args.seed_list)} paired seeds; "
+          "mean ± std over seeds; p: paired two-sided Wilcoxon vs baseline")
+    head = (f"{'variant':<18}{'reach':>6}{'T@tau [s]':>16}{'p':>7}"
+            f"{'T@tau [G]':>18}{'p':>7}{'test acc':>15}{'p':>7}"
+            f"{'AUC(t)':>8}{'ovh t':>7}{'ovh G':>7}{'KL':>8}")
+    print(head)
+    print("-" * len(head))
+    for n, s in summary.items():
+        sm, vs = s["summary"], s["vs_baseline"]
+
+        def cell(m, spec, width):
+            v = sm[m]
+            text = f"{fmt(v['mean'], spec)}±{fmt(v['std'], spec)}"
+            return f"{text:>{width}}"
+
+        def p(m):
+            return f"{fmt(vs.get(m, {}).get('p_value'), '.3f'):>7}"
+        kl = vs.get("kl_final_psi", {}).get("value")
+        print(f"{n:<18}{sm['reached_target']:>3}/{sm['seeds']:<2}"
+              f"{cell('t_at_target_seconds', '.2f', 16)}"
+              f"{p('t_at_target_seconds')}"
+              f"{cell('t_at_target_grad_evals', '.0f', 18)}"
+              f"{p('t_at_target_grad_evals')}"
+              f"{cell('final_test_accuracy', '.3f', 15)}"
+              f"{p('final_test_accuracy')}"
+              f"{fmt(sm['auc_time']['mean'], '.3f'):>8}"
+              f"{fmt(sm['overhead_time_share']['mean'], '.1%'):>7}"
+              f"{fmt(sm['overhead_grad_share']['mean'], '.1%'):>7}"
+              f"{fmt(kl, '.3f'):>8}")
+    for n, s in summary.items():
+        for m, c in s["vs_baseline"].items():
+            if "mean_reduction" in c:
+                print(f"{n}: {m} reduction vs baseline: mean "
+                      f"{c['mean_reduction']:+.1%}, median "
+                      f"{c['median_reduction']:+.1%}, p = "
+                      f"{fmt(c['p_value'], '.3f')}"
+                      + (f" ({c['reason']})" if c["reason"] else ""))
+
+
+def plot(runs, args):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names, seeds = list(runs), args.seed_list
+    colours = {n: f"C{i}" for i, n in enumerate(names)}
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3),
+                             sharey=True, squeeze=False)
+    for ax, n in zip(axes[0], names):
+        for s in seeds:
+            c = runs[n][s]["curve"]
+            ax.step(c["seconds"], c["best"], where="post", alpha=0.6,
+                    color=colours[n])
+        ax.axhline(args.target, color="k", ls=":", lw=1)
+        ax.set(title=n, xlabel="wall time [s]")
+    axes[0][0].set_ylabel("best validation accuracy")
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "accuracy_vs_time_per_variant.png"),
+                dpi=110)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key, label in ((axes[0], "seconds", "wall time [s]"),
+                           (axes[1], "grad_evals",
+                            "gradient evaluations [G]")):
+        horizon = min(runs[n][s]["curve"][key][-1] for n in names
+                      for s in seeds)
+        grid = np.linspace(0, horizon, 200)
+        for n in names:
+            ys = [np.interp(grid, runs[n][s]["curve"][key],
+                            runs[n][s]["curve"]["best"], left=0.0)
+                  for s in seeds]
+            ax.plot(grid, np.mean(ys, 0), color=colours[n], label=n)
+        ax.axhline(args.target, color="k", ls=":", lw=1)
+        ax.set(xlabel=label, ylabel="best validation accuracy (mean)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "accuracy_vs_time_all.png"), dpi=110)
+    cols = min(len(seeds), 4)
+    rows = -(-len(seeds) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3 * rows),
+                             squeeze=False)
+    for ax, s in zip(axes.ravel(), seeds):
+        for n in names:
+            c = runs[n][s]["curve"]
+            ax.step(c["seconds"], c["best"], where="post", label=n,
+                    color=colours[n])
+        ax.axhline(args.target, color="k", ls=":", lw=1)
+        ax.set(title=f"seed {s}", xlabel="wall time [s]")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "per_seed.png"), dpi=110)
+    plt.close("all")
+
+
+# -- main ---------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="See the module docstring (python -c 'import ohgw; "
+               "help(ohgw)') for the metrics and the cost unit.")
+    p.add_argument("--scheduler", choices=("asha", "pasha"), default="asha")
+    p.add_argument("--sampler", choices=("random", "tpe"), default="random")
+    p.add_argument("--trials", type=int, default=64,
+                   help="trials per study (one study per variant and seed)")
+    p.add_argument("--max-reports", type=int, default=27,
+                   help="reports (epochs) of a trial that is never pruned")
+    p.add_argument("--target", type=float,
+                   help="target validation accuracy tau (default: 0.975 "
+                   "digits, 0.95 MNIST, 0.93 CIFAR-10)")
+    p.add_argument("--eta", type=float, default=1e-3,
+                   help="hyper step size eta_h (paper: 1e-3)")
+    p.add_argument("--eta-sweep", action="store_true",
+                   help="add ohgw1 at eta_h in {1e-4, 3e-4, 1e-3, 3e-3}")
+    p.add_argument("--lookahead", type=int, default=2,
+                   help="inner steps K of the warm-start lookahead")
+    p.add_argument("--variants",
+                   help="comma-separated subset of the variants to run")
+    p.add_argument("--data-dir",
+                   help="MNIST IDX files (or, with --full, CIFAR-10)")
+    p.add_argument("--full", action="store_true",
+                   help="ResNet-20 on CIFAR-10, with augmentation magnitude")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=64,
+                   help="MLP hidden width")
+    p.add_argument("--max-train", type=int, default=0,
+                   help="at most this many training examples (0: all)")
+    p.add_argument("--width", type=int, default=16,
+                   help="--full: ResNet channels of stage 1 (16)")
+    p.add_argument("--blocks", type=int, default=3,
+                   help="--full: blocks per stage (ResNet-20: 3)")
+    p.add_argument("--steps-per-report", type=int, default=352,
+                   help="--full: SGD steps between reports (~1 epoch)")
+    p.add_argument("--eval-size", type=int, default=0,
+                   help="--full: validation images per report (0: all)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="first seed (also the data split)")
+    p.add_argument("--seeds", type=int, default=8,
+                   help="paired seeds: seed, seed+1, ...")
+    p.add_argument("--storage",
+                   help="Optuna journal file path or database URL")
+    p.add_argument("--study-name", default="ohgw")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes sharing each study (needs --storage)")
+    p.add_argument("--worker-index", type=int, default=0,
+                   help=argparse.SUPPRESS)
+    p.add_argument("--analyse-only", action="store_true",
+                   help="only read the studies in --storage and report")
+    p.add_argument("--out", default="runs/ohgw",
+                   help="directory for plots and results.json")
+    p.add_argument("--quick", action="store_true",
+                   help="a small run for tests (well under two minutes)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seeds = min(args.seeds, 2)
+        args.trials = min(args.trials, 9)
+        args.max_reports = min(args.max_reports, 9)
+        if args.full:
+            args.width, args.blocks, args.batch_size = 4, 1, 16
+            args.steps_per_report, args.max_train = 2, 256
+            args.max_reports, args.trials = 3, 3
+    if args.target is None:
+        args.target = (0.93 if args.full else 0.95 if args.data_dir
+                       else 0.975)
+    if args.workers > 1 and not args.storage:
+        p.error("--workers > 1 needs --storage (a journal file or a URL)")
+    if not 0 <= args.worker_index < args.workers:
+        p.error("--worker-index must be in [0, --workers)")
+    args.seed_list = list(range(args.seed, args.seed + args.seeds))
+    return args
+
+
+def spawn_workers(argv, args):
+    procs = []
+    for i in range(1, args.workers):
+        cmd = [sys.executable, os.path.abspath(__file__), *argv,
+               "--worker-index", str(i)]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
+    return procs
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    os.makedirs(args.out, exist_ok=True)
+    storage = open_storage(args.storage)
+    names = list(variants(args))
+    procs = []
+    if args.workers > 1 and args.worker_index == 0 and not args.analyse_only:
+        procs = spawn_workers(argv, args)
+    studies = {n: {} for n in names}
+    if not args.analyse_only:
+        share = (args.trials // args.workers
+                 + (args.worker_index < args.trials % args.workers))
+        bar = tqdm(total=share * len(names) * args.seeds, desc="trials",
+                   disable=args.worker_index > 0)
+        task = (resnet_task if args.full else mlp_task)(args)
+        if args.worker_index == 0:
+            tqdm.write(task.name + (f"\n{task.note}" if task.note else ""))
+        helpers = make_helpers(task, args)
+        for seed in args.seed_list:
+            run = task.for_seed(seed)
+            warm_up(task, run, helpers, args)
+            for n in names:
+                bar.set_postfix(variant=n, seed=seed)
+                studies[n][seed] = run_study(task, run, helpers[n], args, n,
+                                             seed, storage, bar)
+        bar.close()
+    for proc in procs:
+        if proc.wait() != 0:
+            raise SystemExit(f"worker {proc.args} failed ({proc.returncode})")
+    if args.worker_index > 0:
+        return None
+    runs = {n: {} for n in names}
+    for n in names:
+        for seed in args.seed_list:
+            study = optuna.load_study(
+                study_name=study_name(args, n, seed),
+                storage=storage) if storage else studies[n][seed]
+            runs[n][seed] = analyse_run(study, args)
+    summary = summarise(runs, args)
+    print_table(summary, args)
+    result = {"args": {k: v for k, v in vars(args).items()},
+              "target": args.target, "cost_unit": "G = one forward+backward "
+              "of the training loss on one batch; warm start = num_steps * "
+              "(3 K + 1) G",
+              "variants": {n: {"summary": summary[n]["summary"],
+                               "vs_baseline": summary[n]["vs_baseline"],
+                               "runs": {str(s): runs[n][s]
+                                        for s in args.seed_list}}
+                           for n in names}}
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(result, f, indent=1, allow_nan=False)
+    plot(runs, args)
+    return result
+
+
+if __name__ == "__main__":
+    main()

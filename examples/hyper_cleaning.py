@@ -66,7 +66,8 @@ from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 import gradhpo as gh
-from gradhpo import datasets
+
+from common import evaluate, init_mlp, load_flat_splits, logits, take
 
 NUM_CLASSES = 10
 #: gradient evaluations per inner step (see the module docstring)
@@ -97,39 +98,15 @@ def corrupt_labels(labels, fraction, seed, num_classes=NUM_CLASSES):
 
 def load(args):
     """Standardised float32 splits; the training labels are corrupted."""
-    if args.data_dir:
-        splits = datasets.load_mnist_splits(args.data_dir, seed=args.seed)
-    else:
-        splits = datasets.load_digits_splits(seed=args.seed)
-    if splits.note:
-        print(splits.note)
-    (xtr, ytr), (xva, yva), (xte, yte) = splits.train, splits.val, splits.test
-    flat = [x.reshape(len(x), -1).astype(np.float32) for x in (xtr, xva, xte)]
-    xtr, xva, xte = datasets.standardize(*flat)
-    if args.max_train:
-        xtr, ytr = xtr[:args.max_train], ytr[:args.max_train]
-    noisy, corrupted = corrupt_labels(ytr, args.corrupt, args.seed)
-    train = (jnp.asarray(xtr), jnp.asarray(noisy, jnp.int32),
-             jnp.arange(len(xtr)))
-    val = (jnp.asarray(xva), jnp.asarray(yva, jnp.int32))
-    test = (jnp.asarray(xte), jnp.asarray(yte, jnp.int32))
+    (xtr, ytr), val, test = load_flat_splits(args.data_dir, args.seed,
+                                             args.max_train)
+    noisy, corrupted = corrupt_labels(np.asarray(ytr), args.corrupt,
+                                      args.seed)
+    train = (xtr, jnp.asarray(noisy, jnp.int32), jnp.arange(len(xtr)))
     return train, val, test, corrupted
 
 
 # -- model and losses ---------------------------------------------------------
-
-def init_model(key, sizes):
-    """A linear softmax classifier (``sizes = (d, 10)``) or an MLP."""
-    keys = jax.random.split(key, len(sizes) - 1)
-    return [{"w": jax.random.normal(k, (m, n)) * np.sqrt(1.0 / m),
-             "b": jnp.zeros(n)} for k, m, n in zip(keys, sizes, sizes[1:])]
-
-
-def logits(params, x):
-    for layer in params[:-1]:
-        x = jax.nn.relu(x @ layer["w"] + layer["b"])
-    return x @ params[-1]["w"] + params[-1]["b"]
-
 
 def train_loss(params, hp, batch):
     """sigma(alpha_i)-weighted mean cross-entropy of the batch; the batch
@@ -147,15 +124,12 @@ def val_loss(params, hp, batch):
         logits(params, x), y).mean()
 
 
-@jax.jit
-def evaluate(params, batch):
-    x, y = batch
-    out = logits(params, x)
-    ce = optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
-    return ce, jnp.mean(jnp.argmax(out, -1) == y)
-
-
 # -- batches and runs ---------------------------------------------------------
+
+def init_model(key, sizes):
+    """Weights ~ N(0, 1 / fan_in): a linear classifier or an MLP."""
+    return init_mlp(key, sizes, gain=1.0)
+
 
 def batch_indices(seed, step, n, size):
     """Indices of the batch of inner step ``step`` (all methods share them);
@@ -163,10 +137,6 @@ def batch_indices(seed, step, n, size):
     if size == 0 or size >= n:
         return np.arange(n)
     return np.random.default_rng([seed, step]).choice(n, size, replace=False)
-
-
-def take(data, idx):
-    return tuple(a[idx] for a in data)
 
 
 def step_batches(data, seed, first, count, size):

@@ -86,42 +86,15 @@ import optax
 from tqdm import tqdm
 
 import gradhpo as gh
-from gradhpo import datasets
+
+from common import batch_indices, evaluate, init_mlp, load_flat_splits, take
+from common import logits
 
 #: gradient evaluations per inner step (see the module docstring)
 COST_PER_STEP = {"T1-T2": 3, "Greedy": 3, "fixed": 1}
 
 
 # -- data and model -----------------------------------------------------------
-
-def load(args):
-    """Float32 (x, y) splits, flattened and standardised with train stats."""
-    if args.data_dir:
-        splits = datasets.load_mnist_splits(args.data_dir, seed=args.seed)
-    else:
-        splits = datasets.load_digits_splits(seed=args.seed)
-    if splits.note:
-        print(splits.note)
-    (xtr, ytr), (xva, yva), (xte, yte) = splits.train, splits.val, splits.test
-    flat = [x.reshape(len(x), -1).astype(np.float32) for x in (xtr, xva, xte)]
-    xtr, xva, xte = datasets.standardize(*flat)
-    if args.max_train:
-        xtr, ytr = xtr[:args.max_train], ytr[:args.max_train]
-    return [(jnp.asarray(x), jnp.asarray(y, jnp.int32))
-            for x, y in ((xtr, ytr), (xva, yva), (xte, yte))]
-
-
-def init_mlp(key, sizes):
-    keys = jax.random.split(key, len(sizes) - 1)
-    return [{"w": jax.random.normal(k, (m, n)) * np.sqrt(2.0 / m),
-             "b": jnp.zeros(n)} for k, m, n in zip(keys, sizes, sizes[1:])]
-
-
-def logits(params, x):
-    for layer in params[:-1]:
-        x = jax.nn.relu(x @ layer["w"] + layer["b"])
-    return x @ params[-1]["w"] + params[-1]["b"]
-
 
 def val_loss(params, hp, batch):
     """Mean cross-entropy (the hyperparameters act through the optimizer)."""
@@ -139,14 +112,6 @@ def make_train_loss(weight_decay):
         l2 = sum(jnp.sum(layer["w"] ** 2) for layer in params)
         return val_loss(params, hp, batch) + 0.5 * weight_decay * l2
     return train_loss
-
-
-@jax.jit
-def evaluate(params, batch):
-    x, y = batch
-    out = logits(params, x)
-    ce = optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
-    return ce, jnp.mean(jnp.argmax(out, -1) == y)
 
 
 # -- the two forms of the inner optimizer -------------------------------------
@@ -178,16 +143,6 @@ def initial_hyperparams(args):
 
 
 # -- runs ---------------------------------------------------------------------
-
-def batch_indices(seed, step, n, size):
-    """Indices of the batch of inner step ``step``: every method sees the
-    same stream of batches."""
-    return np.random.default_rng([seed, step]).integers(0, n, size=size)
-
-
-def take(data, idx):
-    return data[0][idx], data[1][idx]
-
 
 def stacked(data, seed, first, count, size, offset):
     """Batches of inner steps first .. first + count - 1, stacked on a
@@ -295,7 +250,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    train, val, test = load(args)
+    train, val, test = load_flat_splits(args.data_dir, args.seed,
+                                        args.max_train)
     sizes = (train[0].shape[1], args.hidden, args.hidden, 10)
     params = init_mlp(jax.random.PRNGKey(args.seed), sizes)
     hp = initial_hyperparams(args)

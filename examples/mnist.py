@@ -37,47 +37,14 @@ import optax
 from tqdm import tqdm
 
 import gradhpo as gh
-from gradhpo import datasets
+
+from common import (batch_indices, cross_entropy, evaluate, init_mlp,
+                    load_flat_splits, take)
 
 COST_PER_STEP = {"T1-T2": 3, "Greedy": 3, "HyperDistill": 3}
 
 
 # -- data and model -----------------------------------------------------------
-
-def load(args):
-    """Float32 (x, y) splits, flattened and standardised with train stats."""
-    if args.data_dir:
-        splits = datasets.load_mnist_splits(args.data_dir, seed=args.seed)
-    else:
-        splits = datasets.load_digits_splits(seed=args.seed)
-    if splits.note:
-        print(splits.note)
-    (xtr, ytr), (xva, yva), (xte, yte) = splits.train, splits.val, splits.test
-    flat = [x.reshape(len(x), -1).astype(np.float32) for x in (xtr, xva, xte)]
-    xtr, xva, xte = datasets.standardize(*flat)
-    if args.max_train:
-        xtr, ytr = xtr[:args.max_train], ytr[:args.max_train]
-    return [(jnp.asarray(x), jnp.asarray(y, jnp.int32))
-            for x, y in ((xtr, ytr), (xva, yva), (xte, yte))]
-
-
-def init_mlp(key, sizes):
-    keys = jax.random.split(key, len(sizes) - 1)
-    return [{"w": jax.random.normal(k, (m, n)) * np.sqrt(2.0 / m),
-             "b": jnp.zeros(n)} for k, m, n in zip(keys, sizes, sizes[1:])]
-
-
-def logits(params, x):
-    for layer in params[:-1]:
-        x = jax.nn.relu(x @ layer["w"] + layer["b"])
-    return x @ params[-1]["w"] + params[-1]["b"]
-
-
-def cross_entropy(params, batch):
-    x, y = batch
-    return optax.softmax_cross_entropy_with_integer_labels(
-        logits(params, x), y).mean()
-
 
 def train_loss(params, hp, batch):
     """Cross-entropy + sum_l 1/2 exp(rho_l) * W_l^2 (rho_l scalar or one per
@@ -96,14 +63,6 @@ def inner_optimizer(hp):
     return optax.sgd(jnp.exp(hp["log_lr"]), momentum=0.9)
 
 
-@jax.jit
-def evaluate(params, batch):
-    x, y = batch
-    out = logits(params, x)
-    ce = optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
-    return ce, jnp.mean(jnp.argmax(out, -1) == y)
-
-
 # -- the runs -----------------------------------------------------------------
 
 def initial_hyperparams(params, args, log_l2=None, log_lr=None):
@@ -114,18 +73,6 @@ def initial_hyperparams(params, args, log_l2=None, log_lr=None):
     else:
         l2 = [jnp.array(log_l2) for _ in params]
     return {"log_l2": l2, "log_lr": jnp.array(log_lr)}
-
-
-def batch_indices(seed, step, n, size, count=None):
-    """Indices of the batch(es) of one step, a pure function of the step, so
-    a resumed run replays exactly the same data order."""
-    rng = np.random.default_rng([seed, step])
-    shape = (size,) if count is None else (count, size)
-    return rng.integers(0, n, size=shape)
-
-
-def take(data, idx):
-    return data[0][idx], data[1][idx]
 
 
 def summarize_hp(hp):
@@ -296,7 +243,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     if args.checkpoint_dir:
         os.makedirs(args.checkpoint_dir, exist_ok=True)
-    train, val, test = load(args)
+    train, val, test = load_flat_splits(args.data_dir, args.seed,
+                                        args.max_train)
     sizes = (train[0].shape[1], args.hidden, args.hidden, 10)
     params = init_mlp(jax.random.PRNGKey(args.seed), sizes)
     hp = initial_hyperparams(params, args)

@@ -289,3 +289,93 @@ def hlo_stats(fn: Callable[..., Any], *args: Any) -> Dict[str, Any]:
         "ops": ops,
         "hlo_lines": len(text.splitlines()),
     }
+
+
+# --------------------------------------------------------------------------
+# Memory and scaling helpers (benchmarks/scaling.py, benchmarks/population.py)
+
+
+def proc_status_bytes(field: str) -> int:
+    """A memory field of ``/proc/self/status`` (``"VmHWM"``, ``"VmRSS"``)
+    in bytes; 0 where the file does not exist (not Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return 1024 * int(line.split()[1])
+    except OSError:  # pragma: no cover -- not Linux
+        pass
+    return 0
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far, in bytes.
+
+    ``VmHWM`` (reset by :func:`reset_peak_rss`), falling back to
+    ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (kilobytes on Linux).
+    """
+    peak = proc_status_bytes("VmHWM")
+    if peak:
+        return peak
+    import resource  # pragma: no cover -- not Linux
+    return 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def reset_peak_rss() -> bool:
+    """Resets ``VmHWM`` to the current resident size (Linux >= 4.0).
+
+    Returns whether it worked; the peak of a later phase can then be read
+    separately from the peaks of the phases before it.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:  # pragma: no cover -- not Linux, or not permitted
+        return False
+
+
+def available_memory_bytes() -> Optional[int]:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes, or ``None``."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return 1024 * int(line.split()[1])
+    except OSError:  # pragma: no cover -- not Linux
+        pass
+    return None
+
+
+def load_average() -> Optional[Tuple[float, float, float]]:
+    """The 1, 5 and 15 minute load averages (the machine may be shared)."""
+    try:
+        return tuple(round(x, 2) for x in os.getloadavg())
+    except OSError:  # pragma: no cover
+        return None
+
+
+def loglog_fit(sizes: Sequence[float], seconds: Sequence[float]
+               ) -> Dict[str, float]:
+    """Least-squares fit of ``log10 t = slope * log10 n + intercept``.
+
+    A slope of 1 means time proportional to size. Returns ``slope``,
+    ``intercept`` and the coefficient of determination ``r2`` (NaN with
+    fewer than two points).
+    """
+    import math
+    xs = [math.log10(n) for n in sizes]
+    ys = [math.log10(t) for t in seconds]
+    if len(xs) < 2:
+        nan = float("nan")
+        return {"slope": nan, "intercept": nan, "r2": nan, "points": len(xs)}
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    slope = sxy / sxx
+    intercept = my - slope * mx
+    ss_res = sum((y - (slope * x + intercept)) ** 2 for x, y in zip(xs, ys))
+    ss_tot = sum((y - my) ** 2 for y in ys)
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
+    return {"slope": slope, "intercept": intercept, "r2": r2,
+            "points": len(xs)}

@@ -95,9 +95,49 @@ output says so); ``--full`` runs ResNet-20 on CIFAR-10 (``--data-dir`` with
 the python batches; the model and augmentation of ``examples/cifar10.py``),
 which needs a GPU to finish in hours rather than weeks.
 
+**Language** (``--task language``): the same protocol on a decoder-only
+transformer LM (``examples/lm.py``: learned positions, pre-LayerNorm,
+causal self-attention, tied embeddings; 2 layers, width 64, 4 heads,
+context 64 by default, GPT-2-small's 12 / 768 / 12 / 1024 with ``--full``)
+over byte tokens (vocabulary 256, :mod:`gradhpo.text`), trained with AdamW.
+:math:`\psi` = log learning rate, log (decoupled) weight decay, label
+smoothing and the embedding-noise level (Gaussian noise on the input
+embeddings from a key carried in the batch: differentiable and
+deterministic, used instead of dropout). Data: ``--data-dir`` with the
+WikiText-103 raw files, ``--text FILE`` (a plain text split contiguously
+90/5/5; runs here use ``../shared/data/tinyshakespeare/input.txt``), or by
+default the embedded corpus (English docstrings of standard-library
+modules; the output names it). Differences from the vision setting:
+
+- the scheduler defaults to PASHA (``--scheduler asha`` for ASHA); the
+  reports are the validation perplexity (minimised) on the first
+  ``--eval-tokens`` validation tokens, every ``--steps-per-report`` AdamW
+  steps on seeded random windows;
+- T@τ uses the target perplexity ``--target-ppl`` (default
+  ``DEFAULT_TARGET_PPL`` = 20 on the embedded corpus, which the default
+  small model reaches after about a hundred steps of a good configuration
+  and PASHA's best trial ends near 18; on Tiny Shakespeare the small model
+  ends near 14-15 and ``--target-ppl 16`` is the comparable choice; the
+  best-so-far curve starts at 256, the uniform model);
+- the final metrics are the selected trial's test perplexity and its
+  out-of-domain perplexity (the embedded docstrings when training on a file
+  or WikiText; Tiny Shakespeare, or Python source code if it is absent,
+  when training on the docstrings; the first ``--ood-tokens`` tokens);
+  every perplexity is :math:`\exp` of the mean token NLL over all
+  predicted tokens (each token of a split predicted once);
+- ``--token-noise f`` replaces exactly ``round(f N)`` training tokens by a
+  different random byte, seeded by ``--seed`` (the same corruption for all
+  variants and paired seeds); ``--label-noise f`` does the same to the
+  training labels of the vision task;
+- ``--quick`` uses a one-layer width-32 model and a one-step lookahead
+  (three warm-start compilations dominate a quick run).
+
 Examples::
 
     python examples/ohgw.py --quick                  # tests: under 90 s
+    python examples/ohgw.py --task language --text \
+        ../shared/data/tinyshakespeare/input.txt --seeds 4
+    python examples/ohgw.py --task language --token-noise 0.15
     python examples/ohgw.py --seeds 5                # digits, ASHA
     python examples/ohgw.py --scheduler pasha --eta-sweep
     python examples/ohgw.py --data-dir ../shared/data/mnist --target 0.9
@@ -123,21 +163,32 @@ from jax import lax
 from tqdm import tqdm
 
 import gradhpo as gh
-from gradhpo import datasets
+from gradhpo import datasets, text
 from gradhpo.integrations.optuna import OptunaWarmStart
 from gradhpo.integrations.pasha import (PASHADecision, PASHAPruner,
                                         pasha_best_trial)
 from gradhpo.utils import gradients as gr
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import lm  # noqa: E402  (the sibling example: the transformer LM)
+
+lm_defaults = lm.SMALL
+#: --task language: default target validation perplexity (byte level) of
+#: the small CPU model, and of the GPT-2-small-sized model with --full.
+DEFAULT_TARGET_PPL = 20.0
+FULL_TARGET_PPL = 3.0
 ETAS = (1e-4, 3e-4, 1e-3, 3e-3)
 KL_GRID = np.linspace(-0.25, 1.25, 512)
 
 
 # -- the search space ---------------------------------------------------------
 
-def suggest(trial, full):
+def suggest(trial, full, language=False):
     """Samples :math:`\\psi`; log parameters are stepped in log space."""
+    if language:
+        return {name: trial.suggest_float(name, lo, hi, log=log)
+                for name, (lo, hi, log) in LM_SPACE.items()}
     values = {
         "lr": trial.suggest_float("lr", 1e-3, 1.0, log=True),
         "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-1,
@@ -152,6 +203,10 @@ def suggest(trial, full):
 
 
 LOG_NAMES = ("lr", "weight_decay")
+#: --task language: ``{name: (low, high, log)}`` (AdamW, see examples/lm.py).
+LM_SPACE = {"lr": (1e-4, 3e-2, True), "weight_decay": (1e-3, 1.0, True),
+            "label_smoothing": (0.0, 0.3, False),
+            "embed_noise": (0.0, 0.5, False)}
 
 
 def coordinates(values):
@@ -189,6 +244,7 @@ def mlp_task(args):
     xtr, xva, xte = datasets.standardize(*flat)
     if args.max_train:
         xtr, ytr = xtr[:args.max_train], ytr[:args.max_train]
+    ytr, noise_note = noisy_labels(ytr, args)
     train = (jnp.asarray(xtr), jnp.asarray(ytr, jnp.int32))
     val = (jnp.asarray(xva), jnp.asarray(yva, jnp.int32))
     test = (jnp.asarray(xte), jnp.asarray(yte, jnp.int32))
@@ -245,12 +301,128 @@ def mlp_task(args):
             train_chunk=lambda p, s, hp, r: train_epoch(p, s, hp, order[r],
                                                         *train))
 
+    note = "\n".join(n for n in (splits.note, noise_note) if n)
     return types.SimpleNamespace(
-        name=splits.source, note=splits.note, train_loss=train_loss,
+        name=splits.source, note=note or None, train_loss=train_loss,
         val_loss=val_loss, inner=inner, steps_per_report=per_epoch,
-        val_accuracy=lambda p: float(accuracy(p, *val)),
-        test_accuracy=lambda p: float(accuracy(p, *test)),
+        val_metric=lambda p: float(accuracy(p, *val)),
+        test_metrics=lambda p: {"test_accuracy": float(accuracy(p, *test))},
         for_seed=for_seed)
+
+
+def noisy_labels(labels, args):
+    """``--label-noise``: exactly ``round(f N)`` training labels replaced by
+    a different random class (:func:`gradhpo.text.corrupt_tokens` with the
+    classes as the vocabulary), seeded by ``--seed``, so every variant and
+    paired seed trains on the same corrupted labels. Returns ``(labels,
+    note)``."""
+    if not args.label_noise:
+        return labels, ""
+    labels = np.asarray(labels)
+    noisy, mask = text.corrupt_tokens(labels, args.label_noise, args.seed,
+                                      vocab_size=int(labels.max()) + 1)
+    return noisy.astype(labels.dtype), (
+        f"label noise: {int(mask.sum())} of {len(labels)} training labels "
+        f"({args.label_noise:.0%}) replaced by a different random class "
+        f"(seed {args.seed}); validation and test labels are clean.")
+
+
+def load_text(args):
+    """The corpus of --task language and whether it is the embedded one."""
+    if args.data_dir:
+        return text.load_wikitext103(args.data_dir), False
+    if args.text:
+        return text.load_text_file(args.text), False
+    return text.load_embedded(), True
+
+
+def lm_task(args):
+    """A decoder-only transformer LM (examples/lm.py) on byte tokens; one
+    report (validation perplexity, minimised) per ``--steps-per-report``
+    AdamW steps."""
+    splits, embedded = load_text(args)
+    config = lm.GPT2_SMALL if args.full else lm.LMConfig(
+        context=args.context, depth=args.layers, width=args.d_model,
+        heads=args.heads)
+    ctx, steps = config.context, args.steps_per_report
+    notes = []
+    train_tokens = splits.train
+    if args.token_noise:
+        train_tokens, mask = text.corrupt_tokens(
+            train_tokens, args.token_noise, seed=args.seed)
+        notes.append(
+            f"token noise: {int(mask.sum()):,} of {len(mask):,} training "
+            f"tokens ({args.token_noise:.0%}) replaced by a different random "
+            f"byte (seed {args.seed}); validation, test and OOD text clean.")
+    ood, ood_source = text.out_of_domain(embedded, args.ood_tokens or None)
+    notes.append(f"OOD text: {ood_source}.")
+    evals = 8 if args.full else 4096 // ctx     # windows per eval batch
+    val_tokens = splits.val[:args.eval_tokens or None]
+    val_w, test_w, ood_w = (
+        tuple(map(jnp.asarray, text.eval_windows(t, ctx, evals)))
+        for t in (val_tokens, splits.test, ood))
+    train_loss, val_loss, _ = lm.make_losses(config)
+    inner = lm.inner_optimizer()
+    nll_sum = lm.make_nll_sum(config)
+
+    @jax.jit
+    def train_chunk(params, opt_state, hp, windows, key, step0):
+        def body(carry, i):
+            batch = {"tokens": windows[i],
+                     "key": jax.random.fold_in(key, step0 + i)}
+            out = gr.guard_inner_step(
+                gr.inner_step(train_loss, inner, carry[0], carry[1], hp,
+                              batch), *carry)
+            return (out.params, out.opt_state), out.loss
+        return lax.scan(body, (params, opt_state),
+                        jnp.arange(windows.shape[0]))[0]
+
+    def ppl(params, windows):
+        return lm.corpus_perplexity(nll_sum, params, *windows)
+
+    def for_seed(seed):
+        params0 = lm.init_params(config, seed)
+        starts = text.window_starts(
+            len(train_tokens), ctx, args.batch_size,
+            args.max_reports * steps, sub_seed(seed, 0))
+        key = jax.random.PRNGKey(sub_seed(seed, 2))   # embedding noise
+        first = text.take_windows(train_tokens, starts[:args.lookahead], ctx)
+        ws_train = {"tokens": jnp.asarray(first), "key": jax.vmap(
+            lambda i: jax.random.fold_in(key, i))(
+                jnp.arange(args.lookahead))}
+        if args.lookahead == 1:
+            ws_train = jax.tree.map(lambda x: x[0], ws_train)
+        v = text.window_starts(len(splits.val), ctx, args.batch_size, 1,
+                               sub_seed(seed, 1))[0]
+        ws_val = {"tokens": jnp.asarray(text.take_windows(splits.val, v,
+                                                          ctx))}
+
+        def chunk(params, opt_state, hp, r):
+            windows = text.take_windows(
+                train_tokens, starts[r * steps:(r + 1) * steps], ctx)
+            return train_chunk(params, opt_state, hp, jnp.asarray(windows),
+                               key, jnp.int32(r * steps))
+        return types.SimpleNamespace(params0=params0, ws_train=ws_train,
+                                     ws_val=ws_val, train_chunk=chunk)
+
+    size = (f"{config.depth} layers, width {config.width}, {config.heads} "
+            f"heads, context {ctx}, "
+            f"{lm.parameter_count(lm.init_params(config, 0)):,} parameters")
+    return types.SimpleNamespace(
+        name=f"{splits.source}\ndecoder-only transformer: {size}; byte "
+        f"tokens (vocabulary {text.VOCAB_SIZE}); validation perplexity on "
+        f"{len(val_tokens):,} tokens per report",
+        note="\n".join(notes), train_loss=train_loss, val_loss=val_loss,
+        inner=inner, steps_per_report=steps,
+        val_metric=lambda p: ppl(p, val_w),
+        test_metrics=lambda p: {"test_perplexity": ppl(p, test_w),
+                                "ood_perplexity": ppl(p, ood_w)},
+        for_seed=for_seed)
+
+
+def sub_seed(seed, stream):
+    """An int seed for stream ``stream`` of paired seed ``seed``."""
+    return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
 
 
 def resnet_task(args):
@@ -265,6 +437,8 @@ def resnet_task(args):
         data_dir = cifar10.write_fake_cifar10(
             os.path.join(args.out, "fake_cifar10"))
     train, val, test = cifar10.load(data_dir, args.seed, args.max_train)
+    labels, noise_note = noisy_labels(train[1], args)
+    train = (train[0], labels.astype(np.int32))
     model = cifar10.ResNet(width=args.width, blocks=args.blocks)
 
     def train_loss(params, hp, batch):
@@ -313,11 +487,12 @@ def resnet_task(args):
             ws_val=cifar10.val_batch(val, batch_args, 0))
 
     return types.SimpleNamespace(
-        name=f"CIFAR-10 from {data_dir}", note=None, train_loss=train_loss,
-        val_loss=val_loss, inner=inner,
+        name=f"CIFAR-10 from {data_dir}", note=noise_note or None,
+        train_loss=train_loss, val_loss=val_loss, inner=inner,
         steps_per_report=args.steps_per_report,
-        val_accuracy=lambda p: float(evaluate(p, val, args.eval_size)[1]),
-        test_accuracy=lambda p: float(evaluate(p, test)[1]),
+        val_metric=lambda p: float(evaluate(p, val, args.eval_size)[1]),
+        test_metrics=lambda p: {"test_accuracy":
+                                float(evaluate(p, test)[1])},
         for_seed=for_seed)
 
 
@@ -373,7 +548,7 @@ def make_pruner(args):
 
 def make_objective(task, run, helper, args, pruner, t0):
     def objective(trial):
-        sampled = suggest(trial, args.full)
+        sampled = suggest(trial, args.full, args.task == "language")
         events = []
         if helper is None:
             values = sampled
@@ -387,22 +562,28 @@ def make_objective(task, run, helper, args, pruner, t0):
         trial.set_user_attr("worker", os.getpid())
         for r in range(args.max_reports):
             params, opt_state = run.train_chunk(params, opt_state, hp, r)
-            acc = task.val_accuracy(params)
-            events.append([time.time() - t0, task.steps_per_report, acc])
-            trial.report(acc, r)
+            value = task.val_metric(params)
+            events.append([time.time() - t0, task.steps_per_report, value])
+            trial.report(value, r)
             if r + 1 < args.max_reports and trial.should_prune():
                 trial.set_user_attr("events", events)
                 if (isinstance(pruner, PASHAPruner) and
                         pruner.last_decision(trial.number)
                         is PASHADecision.STOP_AT_MAX):
-                    trial.set_user_attr("test_accuracy",
-                                        task.test_accuracy(params))
-                    return acc
+                    record_test(trial, task, params)
+                    return value
                 raise optuna.TrialPruned()
         trial.set_user_attr("events", events)
-        trial.set_user_attr("test_accuracy", task.test_accuracy(params))
-        return acc
+        record_test(trial, task, params)
+        return value
     return objective
+
+
+def record_test(trial, task, params):
+    """The final test metrics (``test_accuracy``, or ``test_perplexity`` and
+    ``ood_perplexity``) of a trial that reached its last report."""
+    for key, value in task.test_metrics(params).items():
+        trial.set_user_attr(key, value)
 
 
 def open_storage(spec):
@@ -431,7 +612,7 @@ def run_study(task, run, helper, args, variant, seed, storage, bar):
     pruner = make_pruner(args)
     study = optuna.create_study(
         storage=storage, study_name=study_name(args, variant, seed),
-        direction="maximize", sampler=sampler, pruner=pruner,
+        direction=args.direction, sampler=sampler, pruner=pruner,
         load_if_exists=storage is not None)
     if "t0" not in study.user_attrs:
         study.set_user_attr("t0", time.time())
@@ -446,12 +627,12 @@ def run_study(task, run, helper, args, variant, seed, storage, bar):
 def warm_up(task, run, helpers, args):
     """Compiles everything once, before any clock starts."""
     fixed = optuna.create_study().ask()
-    sampled = suggest(fixed, args.full)
+    sampled = suggest(fixed, args.full, args.task == "language")
     hp = coordinates(sampled)
     state = gr.init_inner_state(task.inner, run.params0, hp)
     jax.block_until_ready(run.train_chunk(run.params0, state, hp, 0))
-    task.val_accuracy(run.params0)
-    task.test_accuracy(run.params0)
+    task.val_metric(run.params0)
+    task.test_metrics(run.params0)
     for helper in helpers.values():
         if helper is not None:
             dummy = optuna.trial.create_trial(
@@ -469,16 +650,18 @@ def final_trials(study, pruner, args):
     if not done:
         return [], None
     top = max(t.last_step if t.last_step is not None else -1 for t in done)
+    test_key = f"test_{args.metric}"
     finals = [t for t in done if t.last_step == top
-              and "test_accuracy" in t.user_attrs]
+              and test_key in t.user_attrs]
     best = None
     if isinstance(pruner, PASHAPruner):
         try:
             best = pasha_best_trial(study, pruner)
         except ValueError:
             best = None
-    if best is None or "test_accuracy" not in best.user_attrs:
-        best = max(finals, key=lambda t: (t.value, -t.number),
+    if best is None or test_key not in best.user_attrs:
+        sign = 1.0 if args.direction == "maximize" else -1.0
+        best = max(finals, key=lambda t: (sign * t.value, -t.number),
                    default=None)
     return finals, best
 
@@ -490,16 +673,27 @@ def analyse_run(study, args):
                     key=lambda e: e[0])
     times = np.array([e[0] for e in events])
     grads = np.cumsum([e[1] for e in events])
-    accs = np.array([np.nan if e[2] is None else e[2] for e in events])
-    best = np.fmax.accumulate(np.where(np.isnan(accs), -np.inf, accs))
-    best = np.where(np.isfinite(best), best, 0.0)
-    hit = np.nonzero(best >= args.target)[0]
+    values = np.array([np.nan if e[2] is None else e[2] for e in events])
+    if args.direction == "maximize":
+        best = np.fmax.accumulate(np.where(np.isnan(values), -np.inf,
+                                           values))
+        best = np.where(np.isfinite(best), best, args.floor)
+        hit = np.nonzero(best >= args.target)[0]
+    else:   # perplexity: the uniform model's (256) bounds the best so far
+        best = np.minimum(np.fmin.accumulate(
+            np.where(np.isnan(values), np.inf, values)), args.floor)
+        hit = np.nonzero(best <= args.target)[0]
     reached = bool(hit.size)
     i = hit[0] if reached else len(times) - 1
     finals, chosen = final_trials(study, make_pruner(args), args)
     ws_time = sum(t.user_attrs.get("ohgw_seconds", 0.0) for t in trials)
     ws_grads = sum(e[1] for t in trials for e in t.user_attrs["events"]
                    if e[2] is None)
+    m = args.metric
+    extra = {}
+    if args.task == "language":
+        extra["final_ood_perplexity"] = (
+            None if chosen is None else chosen.user_attrs["ood_perplexity"])
     return {
         "study": study.study_name, "n_trials": len(study.trials),
         "reached_target": reached,
@@ -507,10 +701,11 @@ def analyse_run(study, args):
         "t_at_target_grad_evals": float(grads[i]),
         "total_seconds": float(times[-1]),
         "total_grad_evals": float(grads[-1]),
-        "best_val_accuracy": float(best[-1]),
-        "final_val_accuracy": None if chosen is None else chosen.value,
-        "final_test_accuracy": None if chosen is None else
-        chosen.user_attrs["test_accuracy"],
+        f"best_val_{m}": float(best[-1]),
+        f"final_val_{m}": None if chosen is None else chosen.value,
+        f"final_test_{m}": None if chosen is None else
+        chosen.user_attrs[f"test_{m}"],
+        **extra,
         "overhead_time_share": ws_time / max(float(times[-1]), 1e-12),
         "overhead_grad_share": ws_grads / float(grads[-1]),
         "final_psi": [t.user_attrs.get("ohgw_values", t.params)
@@ -544,6 +739,8 @@ def wilcoxon(a, b):
 
 
 def unit_box(args):
+    if args.task == "language":
+        return {name: (lo, hi) for name, (lo, hi, _) in LM_SPACE.items()}
     box = {"lr": (1e-3, 1.0), "weight_decay": (1e-6, 1e-1),
            "momentum": (0.0, 0.95), "label_smoothing": (0.0, 0.3)}
     if args.full:
@@ -585,9 +782,11 @@ def summarise(runs, args):
             run, c = runs[n][s], runs[n][s]["curve"]
             run["auc_time"] = area(c["seconds"], c["best"], h_t)
             run["auc_grad_evals"] = area(c["grad_evals"], c["best"], h_g)
-    metrics = ("t_at_target_seconds", "t_at_target_grad_evals",
-               "final_test_accuracy", "auc_time", "auc_grad_evals",
-               "overhead_time_share", "overhead_grad_share")
+    compared = ["t_at_target_seconds", "t_at_target_grad_evals",
+                f"final_test_{args.metric}", "auc_time", "auc_grad_evals"]
+    if args.task == "language":
+        compared.insert(3, "final_ood_perplexity")
+    metrics = compared + ["overhead_time_share", "overhead_grad_share"]
     out = {}
     base = runs.get("baseline")
     for n in names:
@@ -602,7 +801,7 @@ def summarise(runs, args):
                           if len(vals) > 1 else None}
         comparison = {}
         if base is not None and n != "baseline":
-            for m in metrics[:5]:
+            for m in compared:
                 a = [runs[n][s][m] for s in seeds]
                 b = [base[s][m] for s in seeds]
                 p, reason = wilcoxon(a, b)
@@ -627,6 +826,8 @@ def fmt(x, spec):
 
 
 def print_table(summary, args):
+    if args.task == "language":
+        return print_language_table(summary, args)
     print(f"\nT@tau with tau = {args.target:.3f} validation accuracy; "
           f"{args.scheduler.upper()}, {len(args.seed_list)} paired seeds; "
           "mean ± std over seeds; p: paired two-sided Wilcoxon vs baseline")
@@ -667,6 +868,48 @@ def print_table(summary, args):
                       + (f" ({c['reason']})" if c["reason"] else ""))
 
 
+def print_language_table(summary, args):
+    print(f"\nT@tau with tau = {args.target:.2f} validation perplexity; "
+          f"{args.scheduler.upper()}, {len(args.seed_list)} paired seeds; "
+          "mean ± std over seeds; p: paired two-sided Wilcoxon vs baseline")
+    head = (f"{'variant':<18}{'reach':>6}{'T@tau [s]':>16}{'p':>7}"
+            f"{'T@tau [G]':>16}{'p':>7}{'test ppl':>14}{'p':>7}"
+            f"{'OOD ppl':>14}{'p':>7}{'ovh t':>7}{'ovh G':>7}{'KL':>8}")
+    print(head)
+    print("-" * len(head))
+    for n, s in summary.items():
+        sm, vs = s["summary"], s["vs_baseline"]
+
+        def cell(m, spec, width):
+            v = sm[m]
+            text = f"{fmt(v['mean'], spec)}±{fmt(v['std'], spec)}"
+            return f"{text:>{width}}"
+
+        def p(m):
+            return f"{fmt(vs.get(m, {}).get('p_value'), '.3f'):>7}"
+        kl = vs.get("kl_final_psi", {}).get("value")
+        print(f"{n:<18}{sm['reached_target']:>3}/{sm['seeds']:<2}"
+              f"{cell('t_at_target_seconds', '.1f', 16)}"
+              f"{p('t_at_target_seconds')}"
+              f"{cell('t_at_target_grad_evals', '.0f', 16)}"
+              f"{p('t_at_target_grad_evals')}"
+              f"{cell('final_test_perplexity', '.2f', 14)}"
+              f"{p('final_test_perplexity')}"
+              f"{cell('final_ood_perplexity', '.1f', 14)}"
+              f"{p('final_ood_perplexity')}"
+              f"{fmt(sm['overhead_time_share']['mean'], '.1%'):>7}"
+              f"{fmt(sm['overhead_grad_share']['mean'], '.1%'):>7}"
+              f"{fmt(kl, '.3f'):>8}")
+    for n, s in summary.items():
+        for m, c in s["vs_baseline"].items():
+            if "mean_reduction" in c:
+                print(f"{n}: {m} reduction vs baseline: mean "
+                      f"{c['mean_reduction']:+.1%}, median "
+                      f"{c['median_reduction']:+.1%}, p = "
+                      f"{fmt(c['p_value'], '.3f')}"
+                      + (f" ({c['reason']})" if c["reason"] else ""))
+
+
 def plot(runs, args):
     import matplotlib
     matplotlib.use("Agg")
@@ -682,9 +925,12 @@ def plot(runs, args):
                     color=colours[n])
         ax.axhline(args.target, color="k", ls=":", lw=1)
         ax.set(title=n, xlabel="wall time [s]")
-    axes[0][0].set_ylabel("best validation accuracy")
+    axes[0][0].set_ylabel(f"best validation {args.metric}")
+    if args.task == "language":
+        axes[0][0].set_yscale("log")
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "accuracy_vs_time_per_variant.png"),
+    fig.savefig(os.path.join(args.out,
+                             f"{args.metric}_vs_time_per_variant.png"),
                 dpi=110)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, key, label in ((axes[0], "seconds", "wall time [s]"),
@@ -695,14 +941,17 @@ def plot(runs, args):
         grid = np.linspace(0, horizon, 200)
         for n in names:
             ys = [np.interp(grid, runs[n][s]["curve"][key],
-                            runs[n][s]["curve"]["best"], left=0.0)
+                            runs[n][s]["curve"]["best"], left=args.floor)
                   for s in seeds]
             ax.plot(grid, np.mean(ys, 0), color=colours[n], label=n)
         ax.axhline(args.target, color="k", ls=":", lw=1)
-        ax.set(xlabel=label, ylabel="best validation accuracy (mean)")
+        ax.set(xlabel=label, ylabel=f"best validation {args.metric} (mean)")
+        if args.task == "language":
+            ax.set_yscale("log")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "accuracy_vs_time_all.png"), dpi=110)
+    fig.savefig(os.path.join(args.out, f"{args.metric}_vs_time_all.png"),
+                dpi=110)
     cols = min(len(seeds), 4)
     rows = -(-len(seeds) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3 * rows),
@@ -714,6 +963,8 @@ def plot(runs, args):
                     color=colours[n])
         ax.axhline(args.target, color="k", ls=":", lw=1)
         ax.set(title=f"seed {s}", xlabel="wall time [s]")
+        if args.task == "language":
+            ax.set_yscale("log")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "per_seed.png"), dpi=110)
@@ -728,28 +979,63 @@ def parse_args(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="See the module docstring (python -c 'import ohgw; "
                "help(ohgw)') for the metrics and the cost unit.")
-    p.add_argument("--scheduler", choices=("asha", "pasha"), default="asha")
+    p.add_argument("--task", choices=("vision", "language"),
+                   default="vision",
+                   help="vision: an MLP / ResNet-20 classifier; language: "
+                   "a decoder-only transformer LM (examples/lm.py)")
+    p.add_argument("--scheduler", choices=("asha", "pasha"),
+                   help="default: asha (vision), pasha (language)")
     p.add_argument("--sampler", choices=("random", "tpe"), default="random")
-    p.add_argument("--trials", type=int, default=64,
-                   help="trials per study (one study per variant and seed)")
-    p.add_argument("--max-reports", type=int, default=27,
-                   help="reports (epochs) of a trial that is never pruned")
+    p.add_argument("--trials", type=int,
+                   help="trials per study (one study per variant and seed; "
+                   "default 64 vision, 12 language)")
+    p.add_argument("--max-reports", type=int,
+                   help="reports (epochs) of a trial that is never pruned "
+                   "(default 27 vision, 9 language)")
     p.add_argument("--target", type=float,
                    help="target validation accuracy tau (default: 0.975 "
                    "digits, 0.95 MNIST, 0.93 CIFAR-10)")
+    p.add_argument("--target-ppl", type=float,
+                   help="language: target validation perplexity tau "
+                   f"(default {DEFAULT_TARGET_PPL}; --full "
+                   f"{FULL_TARGET_PPL})")
     p.add_argument("--eta", type=float, default=1e-3,
                    help="hyper step size eta_h (paper: 1e-3)")
     p.add_argument("--eta-sweep", action="store_true",
                    help="add ohgw1 at eta_h in {1e-4, 3e-4, 1e-3, 3e-3}")
-    p.add_argument("--lookahead", type=int, default=2,
-                   help="inner steps K of the warm-start lookahead")
+    p.add_argument("--lookahead", type=int,
+                   help="inner steps K of the warm-start lookahead (default "
+                   "2; 1 with --task language --quick)")
     p.add_argument("--variants",
                    help="comma-separated subset of the variants to run")
     p.add_argument("--data-dir",
-                   help="MNIST IDX files (or, with --full, CIFAR-10)")
+                   help="MNIST IDX files (or, with --full, CIFAR-10; with "
+                   "--task language, the WikiText-103 raw files)")
+    p.add_argument("--text",
+                   help="language: a plain-text corpus (split 90/5/5)")
     p.add_argument("--full", action="store_true",
-                   help="ResNet-20 on CIFAR-10, with augmentation magnitude")
-    p.add_argument("--batch-size", type=int, default=128)
+                   help="ResNet-20 on CIFAR-10, with augmentation magnitude "
+                   "(language: the GPT-2-small-sized model)")
+    p.add_argument("--label-noise", type=float, default=0.0,
+                   help="vision: replace this share of training labels by "
+                   "a different random class (seeded by --seed)")
+    p.add_argument("--token-noise", type=float, default=0.0,
+                   help="language: replace this share of training tokens "
+                   "by a different random byte (seeded by --seed)")
+    p.add_argument("--batch-size", type=int,
+                   help="default 128 (vision), 32 windows (language)")
+    p.add_argument("--layers", type=int, default=lm_defaults.depth,
+                   help="language: transformer blocks")
+    p.add_argument("--d-model", type=int, default=lm_defaults.width,
+                   help="language: model width")
+    p.add_argument("--heads", type=int, default=lm_defaults.heads,
+                   help="language: attention heads")
+    p.add_argument("--context", type=int, default=lm_defaults.context,
+                   help="language: tokens per window")
+    p.add_argument("--eval-tokens", type=int, default=16384,
+                   help="language: validation tokens per report (0: all)")
+    p.add_argument("--ood-tokens", type=int, default=65536,
+                   help="language: out-of-domain tokens (0: all)")
     p.add_argument("--hidden", type=int, default=64,
                    help="MLP hidden width")
     p.add_argument("--max-train", type=int, default=0,
@@ -758,14 +1044,16 @@ def parse_args(argv=None):
                    help="--full: ResNet channels of stage 1 (16)")
     p.add_argument("--blocks", type=int, default=3,
                    help="--full: blocks per stage (ResNet-20: 3)")
-    p.add_argument("--steps-per-report", type=int, default=352,
-                   help="--full: SGD steps between reports (~1 epoch)")
+    p.add_argument("--steps-per-report", type=int,
+                   help="--full: SGD steps between reports (default 352, "
+                   "~1 epoch); language: AdamW steps (default 25)")
     p.add_argument("--eval-size", type=int, default=0,
                    help="--full: validation images per report (0: all)")
     p.add_argument("--seed", type=int, default=0,
                    help="first seed (also the data split)")
-    p.add_argument("--seeds", type=int, default=8,
-                   help="paired seeds: seed, seed+1, ...")
+    p.add_argument("--seeds", type=int,
+                   help="paired seeds: seed, seed+1, ... (default 8 vision, "
+                   "6 language)")
     p.add_argument("--storage",
                    help="Optuna journal file path or database URL")
     p.add_argument("--study-name", default="ohgw")
@@ -780,14 +1068,39 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="a small run for tests (well under two minutes)")
     args = p.parse_args(argv)
+    language = args.task == "language"
+    defaults = dict(scheduler=("asha", "pasha"), trials=(64, 12),
+                    max_reports=(27, 9), seeds=(8, 6), batch_size=(128, 32),
+                    steps_per_report=(352, 200 if args.full else 25))
+    if args.lookahead is None:
+        # language --quick: a one-step lookahead compiles ~3x faster
+        args.lookahead = 1 if language and args.quick else 2
+    for name, pair in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, pair[language])
+    check_task_options(p, args)
     if args.quick:
         args.seeds = min(args.seeds, 2)
         args.trials = min(args.trials, 9)
         args.max_reports = min(args.max_reports, 9)
-        if args.full:
+        if language:
+            args.trials, args.max_reports = min(args.trials, 6), 4
+            args.batch_size, args.steps_per_report = 8, 5
+            args.eval_tokens, args.ood_tokens = 2048, 2048
+            args.layers, args.d_model, args.heads, args.context = (
+                1, 32, 2, 32)
+            args.full = False
+        elif args.full:
             args.width, args.blocks, args.batch_size = 4, 1, 16
             args.steps_per_report, args.max_train = 2, 256
             args.max_reports, args.trials = 3, 3
+    if language:
+        args.metric, args.direction = "perplexity", "minimize"
+        args.floor = 256.0      # before any report: the uniform model
+        args.target = args.target_ppl or (FULL_TARGET_PPL if args.full
+                                          else DEFAULT_TARGET_PPL)
+    else:
+        args.metric, args.direction, args.floor = "accuracy", "maximize", 0.0
     if args.target is None:
         args.target = (0.93 if args.full else 0.95 if args.data_dir
                        else 0.975)
@@ -797,6 +1110,24 @@ def parse_args(argv=None):
         p.error("--worker-index must be in [0, --workers)")
     args.seed_list = list(range(args.seed, args.seed + args.seeds))
     return args
+
+
+def check_task_options(p, args):
+    language = args.task == "language"
+    if args.label_noise and language:
+        p.error("--label-noise is for --task vision; use --token-noise")
+    if args.token_noise and not language:
+        p.error("--token-noise is for --task language; use --label-noise")
+    if args.text and not language:
+        p.error("--text is for --task language")
+    if args.text and args.data_dir:
+        p.error("give --text or --data-dir (WikiText-103), not both")
+    if args.target_ppl is not None and not language:
+        p.error("--target-ppl is for --task language; use --target")
+    for name in ("label_noise", "token_noise"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            p.error(f"--{name.replace('_', '-')} must be in [0, 1), got "
+                    f"{getattr(args, name)}")
 
 
 def spawn_workers(argv, args):
@@ -824,7 +1155,8 @@ def main(argv=None):
                  + (args.worker_index < args.trials % args.workers))
         bar = tqdm(total=share * len(names) * args.seeds, desc="trials",
                    disable=args.worker_index > 0)
-        task = (resnet_task if args.full else mlp_task)(args)
+        task = (lm_task if args.task == "language" else
+                resnet_task if args.full else mlp_task)(args)
         if args.worker_index == 0:
             tqdm.write(task.name + (f"\n{task.note}" if task.note else ""))
         helpers = make_helpers(task, args)

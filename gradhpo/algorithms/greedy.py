@@ -68,7 +68,10 @@ class Greedy(BilevelOptimizer):
     ``trainable`` and box restrictions act on the update it produces. A
     non-finite inner gradient skips that inner step (its :math:`B_t` counts
     as zero) and a non-finite hypergradient skips the outer update; each skip
-    increments ``metadata["nonfinite_count"]``. ``metadata["train_loss"]`` is
+    increments ``metadata["nonfinite_count"]``. When every inner step of the
+    horizon is skipped, the outer update is skipped too (``params``,
+    ``hyperparams`` and both optimizer states unchanged; the count grows by
+    ``horizon + 1``), as in T1–T2. ``metadata["train_loss"]`` is
     the mean of the pre-step training losses over the horizon,
     ``metadata["val_loss"]`` is :math:`L_{val}(w_T; V_T)`, and with ``top_k``
     ``metadata["selected"]`` counts the coordinates moved (0 when skipped).
@@ -144,12 +147,7 @@ class Greedy(BilevelOptimizer):
                       else val.check_int(top_k, "top_k", minimum=1))
         val.check_choice(score, "score", SCORES)
         self.score = score
-        if bounds is not None and (not isinstance(bounds, (tuple, list))
-                                   or len(bounds) != 2):
-            raise ValueError(
-                "bounds must be None or a pair (lower, upper) of scalars or "
-                f"pytrees (None for unbounded), got {bounds!r}.")
-        self.bounds = None if bounds is None else tuple(bounds)
+        self.bounds = val.check_bounds(bounds)
         self.trainable = trainable
         # the base class checks the leading step axis of the batches
         steps = self.horizon if self.horizon > 1 else None
@@ -178,10 +176,11 @@ class Greedy(BilevelOptimizer):
             params, hyperparams,
             metadata=(None if self.top_k is None
                       else {"selected": jnp.zeros((), jnp.int32)}))
-        if not any(tu.is_float_leaf(x)
-                   for x in jax.tree.leaves(state.hyperparams)):
-            raise ValueError("hyperparams must contain at least one floating "
-                             "leaf for Greedy to tune.")
+        # (the base checked hyperparams has a floating leaf)
+        for i, side in enumerate(self.bounds or ()):
+            val.check_option_shapes(side, state.hyperparams, f"bounds[{i}]")
+        val.check_option_shapes(self.trainable, state.hyperparams,
+                                "trainable")
         for flag in tu.broadcast_prefix(self.trainable, state.hyperparams,
                                         "trainable"):
             if flag is not None and np.asarray(flag).dtype != bool:
@@ -194,6 +193,12 @@ class Greedy(BilevelOptimizer):
                 "bounds must satisfy lower <= upper on every entry, got "
                 f"{self.bounds!r}.")
         return state
+
+    def _check_state(self, state: BilevelState, train_batch: DataBatch,
+                     val_batch: DataBatch) -> None:
+        super()._check_state(state, train_batch, val_batch)
+        if self.top_k is not None:
+            self._require_entries(state, "metadata", ("selected",))
 
     # -- hypergradient ------------------------------------------------------
 
@@ -237,7 +242,11 @@ class Greedy(BilevelOptimizer):
         w, s, acc, loss_sum, skipped, val_loss, direct = carry
         # the direct term once, at w_T on V_T (the last iteration's value)
         hypergradient = jax.tree.map(lambda a, b: a + b, direct, acc)
-        inner = gr.InnerStep(w, s, loss_sum / self.horizon, jnp.array(True))
+        # every step was guarded in the scan; when all of them were skipped
+        # the outer update is skipped too (as T1-T2 does), so a fully
+        # poisoned horizon moves nothing (not even the outer momentum)
+        inner = gr.InnerStep(w, s, loss_sum / self.horizon,
+                             skipped < self.horizon)
         return hypergradient, inner, val_loss, skipped
 
     # -- masked, projected outer update -------------------------------------
@@ -283,4 +292,5 @@ class Greedy(BilevelOptimizer):
         hypergradient, inner, val_loss, skipped = self._hypergradient(
             state, train_batch, val_batch)
         return self._finish_step(state, inner, hypergradient, val_loss,
-                                 outer=self._outer, inner_skips=skipped)
+                                 outer=self._outer, inner_skips=skipped,
+                                 inner_guarded=True)

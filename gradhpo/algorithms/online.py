@@ -167,7 +167,10 @@ class HyperDistill(BilevelOptimizer):
     \rVert`. :math:`D^*_t` keeps :math:`\mathrm{round}(B p_t)` random
     examples of :math:`D^*_{t-1}` and the rest from :math:`D_t`, per example
     along the leading batch axis (a static shape). Batches therefore need a
-    leading example axis on every leaf, of the same length every step.
+    leading example axis on every leaf, of the same length every step: a
+    ``train_batch`` whose shapes differ from those :math:`D^*` was
+    allocated with raises a :class:`ValueError` (checked on the host once
+    per batch signature); start from a new :meth:`init` to change them.
 
     State: ``state.extra`` holds ``"w_star"`` (:math:`w^*`, like the
     params), ``"d_star"`` (:math:`D^*`, like a batch), ``"key"`` (the PRNG
@@ -202,7 +205,8 @@ class HyperDistill(BilevelOptimizer):
       theta: the initial size coefficient :math:`\theta` of the linear
         estimator :math:`\pi^*_t \approx \theta \lVert v_t\rVert S_t`;
         :math:`\theta = 1, \gamma = 0` is exactly T1–T2.
-      seed: seed of the PRNG key used to subsample :math:`D^*`.
+      seed: seed of the PRNG key used to subsample :math:`D^*`, an int in
+        :math:`[0, 2^{32} - 1]`.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -234,7 +238,7 @@ class HyperDistill(BilevelOptimizer):
                          outer_optimizer)
         self.gamma = val.check_real(gamma, "gamma", low=0.0, high=1.0)
         self.theta = val.check_real(theta, "theta")
-        self.seed = val.check_int(seed, "seed", minimum=0)
+        self.seed = val.check_seed(seed)
 
     def init(self, params: PyTree, hyperparams: PyTree,
              batch: Optional[DataBatch] = None) -> BilevelState:
@@ -263,8 +267,28 @@ class HyperDistill(BilevelOptimizer):
         if batch is not None:
             if jax.tree.leaves(batch):
                 tu.first_axis_length(batch, "batch")
-            extra["d_star"] = tu.zeros_like(tu.as_strong_arrays(batch))
+            batch = tu.as_strong_arrays(batch)
+            self._check_loss("train_loss", self.train_loss, state.params,
+                             state.hyperparams, batch)
+            extra["d_star"] = tu.zeros_like(batch)
         return state.replace(extra=extra)
+
+    def _batch_template(self, state: BilevelState) -> PyTree:
+        return state.extra.get("d_star")
+
+    def _check_state(self, state: BilevelState, train_batch: DataBatch,
+                     val_batch: DataBatch) -> None:
+        super()._check_state(state, train_batch, val_batch)
+        self._require_entries(state, "metadata", ("theta",))
+        self._require_entries(state, "extra",
+                              ("w_star", "key", "episode_step"))
+        if jax.tree.leaves(train_batch):
+            tu.first_axis_length(train_batch, "train_batch")
+        if "d_star" in state.extra:
+            # D* has the shape of the batch it was allocated from; a batch of
+            # another shape cannot be mixed into it
+            val.check_batch_like(train_batch, state.extra["d_star"],
+                                 "train_batch", 'state.extra["d_star"]')
 
     def _online(self, state: BilevelState, train_batch: DataBatch,
                 val_batch: DataBatch

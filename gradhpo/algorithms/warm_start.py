@@ -113,7 +113,8 @@ class OneShotWarmStart(BilevelOptimizer):
         batch :math:`V`, without a leading axis.
       direction: ``"hypergradient"`` or ``"random"`` (the same-length random
         control).
-      seed: a non-negative int, the seed of the random direction's key.
+      seed: an int in :math:`[0, 2^{32} - 1]`, the seed of the random
+        direction's key.
       bounds: ``None`` or ``(lower, upper)``, each a scalar, ``None``
         (unbounded) or a pytree shaped like the hyperparameters (``None``
         leaves unbounded). :math:`\psi` is clipped after every hyper-step.
@@ -171,13 +172,8 @@ class OneShotWarmStart(BilevelOptimizer):
         self.lookahead = val.check_int(lookahead, "lookahead", minimum=1)
         val.check_choice(direction, "direction", DIRECTIONS)
         self.direction = direction
-        self.seed = val.check_int(seed, "seed", minimum=0)
-        if bounds is not None and (not isinstance(bounds, (tuple, list))
-                                   or len(bounds) != 2):
-            raise ValueError(
-                "bounds must be None or a pair (lower, upper) of scalars or "
-                f"pytrees (None for unbounded), got {bounds!r}.")
-        self.bounds = None if bounds is None else tuple(bounds)
+        self.seed = val.check_seed(seed)
+        self.bounds = val.check_bounds(bounds)
         # the base class checks the leading lookahead axis of train_batch
         self._train_steps = self.lookahead if self.lookahead > 1 else None
 
@@ -197,6 +193,8 @@ class OneShotWarmStart(BilevelOptimizer):
         if flat.size == 0:
             raise ValueError("hyperparams must contain at least one floating "
                              "leaf for OneShotWarmStart to tune.")
+        for i, side in enumerate(self.bounds or ()):
+            val.check_option_shapes(side, state.hyperparams, f"bounds[{i}]")
         lo, hi = self._flat_bounds(state.hyperparams, flat.dtype)
         if not np.all(np.asarray(lo <= hi)):
             raise ValueError("bounds must satisfy lower <= upper on every "
@@ -210,6 +208,14 @@ class OneShotWarmStart(BilevelOptimizer):
         extra = ({"key": jax.random.PRNGKey(self.seed)}
                  if self.direction == "random" else {})
         return state.replace(metadata=meta, extra=extra)
+
+    def _check_state(self, state: BilevelState, train_batch: DataBatch,
+                     val_batch: DataBatch) -> None:
+        super()._check_state(state, train_batch, val_batch)
+        self._require_entries(state, "metadata", (
+            "hypergradient", "delta", "delta_norm", "clipped"))
+        if self.direction == "random":
+            self._require_entries(state, "extra", ("key",))
 
     # -- the lookahead objective J(psi) and its gradient ---------------------
 

@@ -154,8 +154,13 @@ class BilevelOptimizer(abc.ABC):
           initialised (losses NaN, ``nonfinite_count`` 0).
 
         Raises:
-          TypeError, ValueError: if a tree is empty or holds a non-numeric or
-            non-finite value.
+          TypeError: if a leaf of ``params`` is not a real floating array,
+            or a leaf of ``hyperparams`` is not a real floating or integer
+            array or number (booleans, complex numbers, ``None`` and strings
+            are rejected; see :mod:`gradhpo.utils.validation`).
+          ValueError: if a tree is empty or holds NaN or inf,
+            ``hyperparams`` has no floating leaf, or ``hyperparams`` does
+            not match what a callable ``inner_optimizer`` reads.
         """
 
     @abc.abstractmethod
@@ -213,37 +218,78 @@ class BilevelOptimizer(abc.ABC):
 
     def _check_call(self, state: BilevelState, train_batch: DataBatch = None,
                     val_batch: DataBatch = None) -> None:
-        """Host-side checks of a call, once per batch signature."""
+        """Host-side checks of a call, once per batch signature.
+
+        Every call checks the state's type (an ``isinstance``). The rest runs
+        only for a new key (the batches' trees, shapes and dtypes, the state
+        entries' names, and the signature of :meth:`_batch_template`): the
+        leading step axis, that both losses return floating scalars (by
+        :func:`jax.eval_shape`, which traces the losses but runs nothing) and
+        the algorithm's :meth:`_check_state`. A repeated signature costs a
+        few dictionary lookups and never traces the losses again.
+        """
         if not isinstance(state, BilevelState):
             raise TypeError(
                 "state must be a gradhpo.BilevelState (from "
                 f"{type(self).__name__}.init), got {type(state).__name__}.")
-        # keyed on the batches only (a few leaves): the state's shapes are
-        # fixed at init, and flattening a large model per call would cost
-        key = (_signature(train_batch), _signature(val_batch))
+        # keyed on the batches and the state's entry names only (a few
+        # leaves): the state's shapes are fixed at init, and flattening a
+        # large model per call would cost
+        key = (_signature(train_batch), _signature(val_batch),
+               tuple(sorted(state.metadata)), tuple(sorted(state.extra)),
+               _signature(self._batch_template(state)))
         if key in self._checked:
             return
+        self._check_state(state, train_batch, val_batch)
         train_one = _one_step_batch(train_batch, self._train_steps,
                                     "train_batch")
         val_one = _one_step_batch(val_batch, self._val_steps, "val_batch")
-        for name, loss, batch in [("train_loss", self.train_loss, train_one),
-                                  ("val_loss", self.val_loss, val_one)]:
-            out = jax.eval_shape(loss, state.params, state.hyperparams, batch)
-            shape = getattr(out, "shape", None)
-            dtype = getattr(out, "dtype", None)
-            if shape != () or not jnp.issubdtype(dtype, jnp.floating):
-                raise ValueError(
-                    f"{name} must return a floating scalar, got shape {shape} "
-                    f"and dtype {dtype}; reduce the per-example losses (e.g. "
-                    "with .mean()).")
+        self._check_loss("train_loss", self.train_loss, state.params,
+                         state.hyperparams, train_one)
+        self._check_loss("val_loss", self.val_loss, state.params,
+                         state.hyperparams, val_one)
         self._checked.add(key)
+
+    @staticmethod
+    def _check_loss(name: str, loss: LossFn, params: PyTree,
+                    hyperparams: PyTree, batch: DataBatch) -> None:
+        """Checks ``loss`` returns a floating scalar, by shape evaluation."""
+        val.check_scalar_loss(
+            jax.eval_shape(loss, params, hyperparams, batch), name)
+
+    def _batch_template(self, state: BilevelState) -> PyTree:
+        """A part of the state the batches must keep matching (part of the
+        check cache key); ``None`` by default. HyperDistill returns
+        :math:`D^*`, allocated from the first batch."""
+        del state
+        return None
+
+    def _check_state(self, state: BilevelState, train_batch: DataBatch,
+                     val_batch: DataBatch) -> None:
+        """Algorithm-specific checks of a call, once per signature: that the
+        state was built by this algorithm's ``init`` and matches the
+        batches. The base checks the common metadata entries."""
+        del train_batch, val_batch
+        self._require_entries(state, "metadata", ("nonfinite_count",))
+
+    def _require_entries(self, state: BilevelState, field: str,
+                         names: Any) -> None:
+        """Raises :class:`ValueError` unless ``state.<field>`` has every
+        entry of ``names`` (a state from another algorithm's ``init``)."""
+        missing = [n for n in names if n not in getattr(state, field)]
+        if missing:
+            raise ValueError(
+                f"state.{field} lacks {missing}: state was not built by "
+                f"{type(self).__name__}.init with these options (it holds "
+                f"{sorted(getattr(state, field))}); build it with "
+                f"{type(self).__name__}.init.")
 
     def _initial_state(self, params: PyTree, hyperparams: PyTree,
                        metadata: Optional[Dict[str, Any]] = None,
                        extra: Optional[Dict[str, Any]] = None
                        ) -> BilevelState:
-        val.check_finite_tree(params, "params")
-        val.check_finite_tree(hyperparams, "hyperparams")
+        val.check_params(params)
+        val.check_hyperparams(hyperparams, type(self).__name__)
         params = tu.as_strong_arrays(params)
         hyperparams = tu.as_strong_arrays(hyperparams)
         outer_state = (() if self.outer_optimizer is None else

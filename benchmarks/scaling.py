@@ -1,0 +1,646 @@
+r"""Time and peak memory of one hyper-step from 10^3 to 10^8 hyperparameters.
+
+One L2 coefficient per weight of a wide linear regression model, so the
+number of hyperparameters :math:`H` equals the number of parameters
+:math:`P` (no biases):
+
+.. math::
+
+   L_{tr}(W, \rho; D) = \frac{1}{2B} \sum_{b} \lVert x_b W - y_b \rVert^2
+       + \tfrac12 \sum_{ij} e^{\rho_{ij}} W_{ij}^2, \qquad
+   L_{val}(W; V) = \frac{1}{2B} \sum_{b} \lVert x_b W - y_b \rVert^2,
+
+with :math:`W \in \mathbb{R}^{1000 \times n/1000}` (``--inputs`` rows), so
+sizes :math:`n = 10^3, 10^4, \dots, 10^8` give 1 to 100,000 outputs; the
+batch (``--batch``, 32 examples) is synthetic and float32. The inner optimizer
+is SGD with heavy-ball momentum 0.9, the outer optimizer Adam on
+:math:`\rho` (as in ``step_cost.py``).
+
+Rows: ``T1T2(hypergradient="exact")``, ``T1T2(hypergradient=
+"finite_difference")`` and ``HyperDistill``, each with and without buffer
+donation (``jax.jit(opt.step, donate_argnums=0)``; HyperDistill's initial
+:math:`w^*` aliases the parameters, so it is copied once before donating).
+
+Every (algorithm, donation, size) runs in a fresh subprocess, which builds the
+problem, compiles the step ahead of time, takes one untimed step, then times
+steps until it has ``--steps`` of them and at least ``--min-seconds`` (at most
+100) and reports their median. Peak resident memory is ``VmHWM`` of
+``/proc/self/status`` (the same as ``getrusage(RUSAGE_SELF).ru_maxrss``),
+taken over the whole process (initialisation, compilation and steps), minus
+the peak of a baseline process that imported jax and gradhpo and ran one
+scalar operation. Bytes per hyperparameter are that net peak over :math:`H`.
+
+Memory model (float32, :data:`MODEL`): the state holds :math:`w`, the
+momentum trace (2 P), :math:`\lambda` and Adam's two moments (3 H), plus
+:math:`w^*` (1 P) for HyperDistill. A step writes a new state while the old
+one is alive (the caller holds it; with donation, XLA on CPU still computes
+the new state into temporaries, because the hypergradient and the
+non-finite guards read the old :math:`w` and :math:`\lambda` after the new
+ones exist), so the peak is two states plus the temporaries that XLA could
+not place in output buffers not yet written:
+
+.. math::
+
+   \text{peak} \approx 4\,(a P + b H) + \text{batches} + c,\quad
+   (a, b) = (4, 6)\ \text{exact},\ (5, 6)\ \text{finite difference},\
+   (7, 6)\ \text{HyperDistill},
+
+where :math:`c` is the size-independent part (the compiled program, the
+runtime's buffers), measured as the net peak at the smallest size. The
+script prints predicted against measured peaks and what an 80 GB
+accelerator would hold according to the model. See
+``docs/memory_model.rst``.
+
+Time: the least-squares slope of :math:`\log t` against :math:`\log n` over
+the sizes :math:`\ge` ``--fit-min`` (10^5; below it a step is dominated by
+dispatch) is printed and stored, with the slope over all sizes.
+
+Example:
+  python benchmarks/scaling.py --out benchmarks/results/scaling.json
+  python benchmarks/scaling.py --quick            # 1e3..1e5, 2 steps
+  python benchmarks/scaling.py --max-size 1e7 --algorithms t1t2_exact
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+if __package__ in (None, ""):  # run as a script: make the repo importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _common as cm  # noqa: E402
+else:  # pragma: no cover -- imported as benchmarks.scaling
+    from benchmarks import _common as cm
+
+ALGORITHMS = ("t1t2_exact", "t1t2_fd", "hyperdistill")
+MARKER = "SCALING_RESULT "
+ITEMSIZE = 4  # float32
+
+#: Copies of P (parameters) and H (hyperparameters) per algorithm, with SGD
+#: + momentum inside and Adam outside. ``state_*``: what the state keeps
+#: between steps; ``temp_*``: step temporaries XLA could not place in an
+#: output buffer (its buffer assignment, checked with XLA_FLAGS=
+#: --xla_dump_to). Peak = 2 states + temporaries.
+MODEL: Dict[str, Dict[str, Any]] = {
+    "t1t2_exact": {
+        "state_P": 2, "state_H": 3, "temp_P": 0, "temp_H": 0,
+        "state": "w, momentum trace (2P); lambda, Adam mu, nu (3H)",
+        "temporaries": "inner data gradient X^T r, exp(rho), validation "
+                       "gradient v and hypergradient B^T v all live in "
+                       "output buffers not yet written (0 extra)",
+    },
+    "t1t2_fd": {
+        "state_P": 2, "state_H": 3, "temp_P": 1, "temp_H": 0,
+        "state": "w, momentum trace (2P); lambda, Adam mu, nu (3H)",
+        "temporaries": "the validation gradient v must outlive every "
+                       "output buffer (it scales both w +- eps u): 1P",
+    },
+    "hyperdistill": {
+        "state_P": 3, "state_H": 3, "temp_P": 1, "temp_H": 0,
+        "state": "w, momentum trace, w* (3P); lambda, Adam mu, nu (3H); "
+                 "D* (a batch)",
+        "temporaries": "alpha (the validation gradient at the new w) "
+                       "must outlive the new w* and the VJP at w*: 1P",
+    },
+}
+
+
+def coefficients(alg: str) -> Dict[str, int]:
+    """``a`` and ``b`` of ``peak = itemsize * (a P + b H) + ...``."""
+    m = MODEL[alg]
+    return {"a": 2 * m["state_P"] + m["temp_P"],
+            "b": 2 * m["state_H"] + m["temp_H"]}
+
+
+def predicted_variable(alg: str, n_params: int, n_hyper: int,
+                       other_bytes: int = 0) -> int:
+    """The size-dependent part of the predicted peak, in bytes."""
+    c = coefficients(alg)
+    return ITEMSIZE * (c["a"] * n_params + c["b"] * n_hyper) + other_bytes
+
+
+# --------------------------------------------------------------------------
+# Worker: one (algorithm, donation, size) in this process.
+
+
+def _problem(size: int, inputs: int, batch: int):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    if size % inputs:
+        raise ValueError(f"size {size} is not a multiple of --inputs "
+                         f"{inputs}")
+    outputs = size // inputs
+
+    def val_loss(w, rho, data):
+        del rho  # the validation loss does not depend on the penalty
+        x, y = data
+        return 0.5 * jnp.mean(jnp.sum((x @ w - y) ** 2, axis=-1))
+
+    def train_loss(w, rho, data):
+        return (val_loss(w, rho, data)
+                + 0.5 * jnp.sum(jnp.exp(rho) * w ** 2))
+
+    k = jax.random.split(jax.random.PRNGKey(0), 5)
+    w = jax.random.normal(k[0], (inputs, outputs)) * np.sqrt(1.0 / inputs)
+    rho = jnp.full((inputs, outputs), np.log(1e-4), jnp.float32)
+    train = (jax.random.normal(k[1], (batch, inputs)),
+             jax.random.normal(k[2], (batch, outputs)))
+    val = (jax.random.normal(k[3], (batch, inputs)),
+           jax.random.normal(k[4], (batch, outputs)))
+    return train_loss, val_loss, w, rho, train, val
+
+
+def _optimizer(alg, train_loss, val_loss):
+    import optax
+    inner, outer = optax.sgd(0.05, momentum=0.9), optax.adam(1e-2)
+    if alg == "hyperdistill":
+        from gradhpo.algorithms.online import HyperDistill
+        return HyperDistill(train_loss, val_loss, inner, outer, gamma=0.9,
+                            theta=1.0, seed=0)
+    from gradhpo.algorithms.t1_t2 import T1T2
+    mode = "exact" if alg == "t1t2_exact" else "finite_difference"
+    return T1T2(train_loss, val_loss, inner, outer, hypergradient=mode)
+
+
+def _nbytes(tree) -> int:
+    import jax
+    return int(sum(x.nbytes for x in jax.tree.leaves(tree)))
+
+
+def run_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """Measures one configuration in this (fresh) process."""
+    import jax
+    import jax.numpy as jnp
+    import optax  # noqa: F401 -- imported by the baseline too
+
+    import gradhpo.algorithms.online  # noqa: F401
+    import gradhpo.algorithms.t1_t2  # noqa: F401
+
+    alg = spec["alg"]
+    if alg == "baseline":
+        jax.block_until_ready(jnp.zeros(()) + 1)
+        return {"alg": alg, "peak_bytes": cm.peak_rss_bytes(),
+                "rss_bytes": cm.proc_status_bytes("VmRSS")}
+
+    size, donate = int(spec["size"]), bool(spec["donate"])
+    start = time.perf_counter()
+    train_loss, val_loss, w, rho, train, val = _problem(
+        size, spec["inputs"], spec["batch"])
+    opt = _optimizer(alg, train_loss, val_loss)
+    if alg == "hyperdistill":
+        state = opt.init(w, rho, batch=train)
+        if donate:  # w* aliases w: XLA refuses to donate one buffer twice
+            w_star = jax.tree.map(jnp.copy, state.extra["w_star"])
+            state = state.replace(extra=dict(state.extra, w_star=w_star))
+    else:
+        state = opt.init(w, rho)
+    del w, rho
+    jax.block_until_ready(state)
+    n_params = _nbytes(state.params) // ITEMSIZE
+    n_hyper = _nbytes(state.hyperparams) // ITEMSIZE
+    m = MODEL[alg]
+    state_bytes = _nbytes(state)  # counts w* even while it aliases w
+    batch_bytes = _nbytes(train) + _nbytes(val)
+    # state entries that are not P or H (metadata, D*, keys), twice (old
+    # and new state), and the batches
+    state_other = state_bytes - ITEMSIZE * (m["state_P"] * n_params
+                                            + m["state_H"] * n_hyper)
+    other_bytes = 2 * state_other + batch_bytes
+    init_seconds = time.perf_counter() - start
+    peak_init = cm.peak_rss_bytes()
+    rss_init = cm.proc_status_bytes("VmRSS")
+
+    def step(s, tb, vb):
+        return opt.step(s, tb, vb)
+    fn = jax.jit(step, donate_argnums=(0,) if donate else ())
+    start = time.perf_counter()
+    compiled = fn.lower(state, train, val).compile()
+    compile_seconds = time.perf_counter() - start
+    xla = {}
+    try:
+        ma = compiled.memory_analysis()
+        for key in ("argument", "output", "alias", "temp"):
+            xla[key] = int(getattr(ma, f"{key}_size_in_bytes"))
+        xla["total"] = (xla["argument"] + xla["output"] - xla["alias"]
+                        + xla["temp"])
+    except Exception:  # noqa: BLE001 -- not every backend reports it
+        xla = {}
+    peak_compile = cm.peak_rss_bytes()
+    phases = cm.reset_peak_rss()
+
+    state = jax.block_until_ready(compiled(state, train, val))  # untimed
+    times: List[float] = []
+    cpu: List[float] = []
+    faults = 0
+    begin = time.perf_counter()
+    while len(times) < 100 and (
+            len(times) < spec["steps"]
+            or time.perf_counter() - begin < spec["min_seconds"]):
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.perf_counter()
+        state = jax.block_until_ready(compiled(state, train, val))
+        times.append(time.perf_counter() - t0)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu.append(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)
+        faults += r1.ru_minflt - r0.ru_minflt
+    peak_steps = cm.peak_rss_bytes()
+    finite = bool(jnp.isfinite(state.metadata["val_loss"]))
+    return {
+        "alg": alg, "donate": donate, "size": size,
+        "n_params": n_params, "n_hyperparams": n_hyper,
+        "outputs": size // spec["inputs"],
+        "state_bytes": state_bytes, "batch_bytes": batch_bytes,
+        "other_bytes": other_bytes,
+        "init_seconds": init_seconds, "compile_seconds": compile_seconds,
+        "step_seconds": times, "median_seconds": statistics.median(times),
+        "median_cpu_seconds": statistics.median(cpu),
+        "page_faults_per_step": faults / len(times),
+        "peak_init_bytes": peak_init, "rss_init_bytes": rss_init,
+        "peak_compile_bytes": peak_compile,
+        "peak_steps_bytes": peak_steps if phases else None,
+        "peak_bytes": max(peak_init, peak_compile, peak_steps),
+        "xla": xla, "finite": finite,
+    }
+
+
+def _spawn(spec: Dict[str, Any], timeout: float) -> Dict[str, Any]:
+    """Runs :func:`run_worker` in a fresh interpreter."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker",
+           json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in proc.stdout.splitlines()[::-1]:
+        if line.startswith(MARKER):
+            return json.loads(line[len(MARKER):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    why = ("killed by signal %d (out of memory?)" % -proc.returncode
+           if proc.returncode < 0 else f"exit code {proc.returncode}")
+    return {"error": f"{why}: {' | '.join(tail)}"}
+
+
+# --------------------------------------------------------------------------
+# Driver
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="sizes 1e3..1e5, 2 steps, no donation (a smoke "
+                   "test)")
+    p.add_argument("--min-size", type=float, default=1e3)
+    p.add_argument("--max-size", type=float, default=None,
+                   help="largest size (default 1e8, quick 1e5)")
+    p.add_argument("--algorithms", default=",".join(ALGORITHMS),
+                   help="comma-separated subset of " + ", ".join(ALGORITHMS))
+    p.add_argument("--donate", choices=("both", "on", "off"), default=None,
+                   help="jit the step with donate_argnums=0, without, or "
+                   "both (default both, quick off)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed steps at least (default 5, quick 2)")
+    p.add_argument("--min-seconds", type=float, default=None,
+                   help="time steps for at least this long, at most 100 "
+                   "steps (default 1, quick 0)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--inputs", type=int, default=1000,
+                   help="rows of W; the sizes must be multiples of it")
+    p.add_argument("--fit-min", type=float, default=1e5,
+                   help="fit the time slope over sizes >= this")
+    p.add_argument("--large", type=float, default=1e7,
+                   help="check the memory model (within 20%%) at sizes >= "
+                   "this")
+    p.add_argument("--timeout", type=float, default=1800,
+                   help="seconds allowed to one subprocess")
+    p.add_argument("--out", default=None, help="write a JSON report here")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def sizes_between(low: float, high: float) -> List[int]:
+    """Powers of ten from ``low`` to ``high`` inclusive."""
+    lo, hi = round(math.log10(low)), round(math.log10(high))
+    return [10 ** k for k in range(lo, hi + 1)]
+
+
+def _mb(x: Optional[float]) -> str:
+    return "" if x is None else f"{x / 1e6:.1f}"
+
+
+def main(argv=None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    if args.worker:
+        result = run_worker(json.loads(args.worker))
+        print(MARKER + json.dumps(result), flush=True)
+        return result
+    quick = args.quick
+    max_size = args.max_size or (1e5 if quick else 1e8)
+    steps = args.steps or (2 if quick else 5)
+    min_seconds = (args.min_seconds if args.min_seconds is not None
+                   else (0.0 if quick else 1.0))
+    algs = [a for a in args.algorithms.split(",") if a]
+    unknown = set(algs) - set(ALGORITHMS)
+    if unknown:
+        raise SystemExit(f"--algorithms: unknown {sorted(unknown)}; known: "
+                         f"{list(ALGORITHMS)}")
+    donate = args.donate or ("off" if quick else "both")
+    donations = {"both": [False, True], "on": [True], "off": [False]}[donate]
+    sizes = sizes_between(args.min_size, max_size)
+    started = time.perf_counter()
+    date = datetime.datetime.now().isoformat(timespec="seconds")
+    load_start = cm.load_average()
+
+    print(f"scaling: linear model {args.inputs} x n/{args.inputs}, one L2 "
+          f"hyperparameter per weight (P = H = n), batch {args.batch}, "
+          f"float32; sizes {', '.join(f'{n:.0e}' for n in sizes)}")
+    print(f"load average {load_start}; "
+          f"{(cm.available_memory_bytes() or 0) / 1e9:.1f} GB available")
+    base = _spawn({"alg": "baseline"}, args.timeout)
+    if "error" in base:
+        raise SystemExit(f"baseline process failed: {base['error']}")
+    baseline = base["peak_bytes"]
+    print(f"baseline (import jax + gradhpo, one scalar op): peak "
+          f"{baseline / 1e6:.1f} MB")
+
+    results: List[Dict[str, Any]] = []
+    failures: List[Dict[str, Any]] = []
+    dead = set()
+    constant: Dict[Any, float] = {}
+    for size in sizes:
+        for alg in algs:
+            for donate in donations:
+                combo = (alg, donate)
+                if combo in dead:
+                    continue
+                guess = (predicted_variable(alg, size, size)
+                         + constant.get(combo, 0.0))
+                avail = cm.available_memory_bytes()
+                if avail is not None and guess > 0.9 * avail:
+                    why = (f"predicted peak {guess / 1e9:.1f} GB > 90% of "
+                           f"the {avail / 1e9:.1f} GB available")
+                    print(f"  {alg:<13} donate={donate!s:<5} n={size:.0e}: "
+                          f"skipped, {why}")
+                    failures.append({"alg": alg, "donate": donate,
+                                     "size": size, "error": why})
+                    dead.add(combo)
+                    continue
+                load = cm.load_average()
+                res = _spawn({"alg": alg, "size": size, "donate": donate,
+                              "batch": args.batch, "inputs": args.inputs,
+                              "steps": steps, "min_seconds": min_seconds},
+                             args.timeout)
+                if "error" in res:
+                    print(f"  {alg:<13} donate={donate!s:<5} n={size:.0e}: "
+                          f"FAILED, {res['error']}")
+                    failures.append({"alg": alg, "donate": donate,
+                                     "size": size, "error": res["error"]})
+                    dead.add(combo)
+                    continue
+                res["load_average"] = load
+                res["net_peak_bytes"] = res["peak_bytes"] - baseline
+                variable = predicted_variable(
+                    alg, res["n_params"], res["n_hyperparams"],
+                    res["other_bytes"])
+                if combo not in constant:  # smallest size: the constant c
+                    constant[combo] = max(0.0, res["net_peak_bytes"]
+                                          - variable)
+                res["constant_bytes"] = constant[combo]
+                res["predicted_bytes"] = variable + constant[combo]
+                results.append(res)
+                print(f"  {alg:<13} donate={donate!s:<5} n={size:.0e}: "
+                      f"{1e3 * res['median_seconds']:9.2f} ms/step, net "
+                      f"peak {res['net_peak_bytes'] / 1e6:9.1f} MB "
+                      f"(predicted {res['predicted_bytes'] / 1e6:.1f}), "
+                      f"load {load[0] if load else '?'}", flush=True)
+
+    rows = [_row(r, args.large) for r in results]
+    fits = _fits(rows, args.fit_min, args.large)
+    accel = _accelerator(algs, constant)
+    elapsed = time.perf_counter() - started
+
+    print()
+    print(format_table(rows))
+    print()
+    print(format_model(algs))
+    print()
+    print(format_fits(fits, args.fit_min, args.large))
+    print()
+    print(format_accelerator(accel))
+    checked = [r for r in rows if r["model_checked"]]
+    ok = all(r["model_within_20pct"] for r in checked)
+    largest = max((r["n_hyperparams"] for r in rows), default=0)
+    print(f"\nmemory model within 20% at sizes >= {args.large:.0e}: "
+          f"{'yes' if ok and checked else 'NO' if checked else 'n/a'} "
+          f"({len(checked)} rows); largest size run: {largest:.0e}; "
+          f"{elapsed:.0f} s total; load average {load_start} -> "
+          f"{cm.load_average()}")
+    for f in failures:
+        print(f"not measured: {f['alg']} donate={f['donate']} "
+              f"n={f['size']:.0e}: {f['error']}")
+
+    report = {
+        "benchmark": "scaling",
+        "command": " ".join([os.path.basename(sys.argv[0])]
+                            + list(argv if argv is not None
+                                   else sys.argv[1:])),
+        "date": date,
+        "config": {
+            "model": f"linear {args.inputs} x n/{args.inputs}, no bias, "
+                     "least squares",
+            "hyperparameters": "one L2 coefficient per weight, "
+                               "lambda = exp(rho); P = H = n",
+            "batch": args.batch, "inputs": args.inputs, "dtype": "float32",
+            "inner": "sgd(lr=0.05, momentum=0.9)", "outer": "adam(lr=0.01)",
+            "sizes": sizes, "algorithms": algs,
+            "donation": [bool(d) for d in donations], "steps": steps,
+            "min_seconds": min_seconds, "quick": quick,
+            "fit_min": args.fit_min, "large": args.large,
+        },
+        "environment": dict(cm.environment(),
+                            load_average_start=load_start,
+                            load_average_end=cm.load_average()),
+        "baseline_peak_bytes": baseline,
+        "memory_model": {a: dict(MODEL[a], **coefficients(a),
+                                 itemsize=ITEMSIZE) for a in algs},
+        "rows": rows,
+        "fits": fits,
+        "accelerator_80gb": accel,
+        "model_within_20pct_at_large_sizes": ok if checked else None,
+        "largest_size": largest,
+        "not_measured": failures,
+        "seconds_total": elapsed,
+    }
+    if args.out:
+        cm.write_json(args.out, report)
+        print(f"wrote {args.out}")
+    return report
+
+
+def _row(r: Dict[str, Any], large: float) -> Dict[str, Any]:
+    """A flat JSON row from a worker result."""
+    net = r["net_peak_bytes"]
+    ratio = net / r["predicted_bytes"] if r["predicted_bytes"] > 0 else None
+    checked = r["n_hyperparams"] >= large
+    xla = r.get("xla") or {}
+    return {
+        "name": f"{r['alg']}{'_donated' if r['donate'] else ''}",
+        "alg": r["alg"], "donate": r["donate"],
+        "n_params": r["n_params"], "n_hyperparams": r["n_hyperparams"],
+        "median_seconds": r["median_seconds"],
+        "min_seconds": min(r["step_seconds"]),
+        "steps_timed": len(r["step_seconds"]),
+        "median_cpu_seconds": r["median_cpu_seconds"],
+        "page_faults_per_step": r["page_faults_per_step"],
+        "ns_per_hyperparam": 1e9 * r["median_seconds"] / r["n_hyperparams"],
+        "peak_bytes": r["peak_bytes"],
+        "net_peak_bytes": net,
+        "bytes_per_hyperparam": net / r["n_hyperparams"],
+        "peak_init_bytes": r["peak_init_bytes"],
+        "peak_compile_bytes": r["peak_compile_bytes"],
+        "peak_steps_bytes": r["peak_steps_bytes"],
+        "state_bytes": r["state_bytes"],
+        "predicted_bytes": r["predicted_bytes"],
+        "constant_bytes": r["constant_bytes"],
+        "measured_over_predicted": ratio,
+        "model_checked": checked,
+        "model_within_20pct": (None if not checked or ratio is None
+                               else bool(abs(ratio - 1.0) <= 0.2)),
+        "xla_argument_bytes": xla.get("argument"),
+        "xla_output_bytes": xla.get("output"),
+        "xla_alias_bytes": xla.get("alias"),
+        "xla_temp_bytes": xla.get("temp"),
+        "xla_total_bytes": xla.get("total"),
+        "compile_seconds": r["compile_seconds"],
+        "init_seconds": r["init_seconds"],
+        "finite": r["finite"],
+        "load_average_1min": (r["load_average"] or [None])[0],
+    }
+
+
+def _fits(rows: List[Dict[str, Any]], fit_min: float, large: float
+          ) -> Dict[str, Dict[str, Any]]:
+    """Log-log slopes of wall and CPU time per step against size.
+
+    ``slope``: wall time over sizes >= ``fit_min``; ``slope_all``: every
+    size; ``slope_large``: sizes >= ``large``; ``cpu_slope``: CPU time
+    (user + system, less sensitive to other processes) over sizes >=
+    ``fit_min``.
+    """
+    fits = {}
+    for name in dict.fromkeys(r["name"] for r in rows):
+        own = [r for r in rows if r["name"] == name]
+        fit = {}
+        for label, low, key in (("", fit_min, "median_seconds"),
+                                ("_all", 0, "median_seconds"),
+                                ("_large", large, "median_seconds"),
+                                ("cpu_", fit_min, "median_cpu_seconds")):
+            sel = [r for r in own if r["n_hyperparams"] >= low
+                   and r[key] > 0]
+            f = cm.loglog_fit([r["n_hyperparams"] for r in sel],
+                              [r[key] for r in sel])
+            pre, post = ("cpu_", "") if label == "cpu_" else ("", label)
+            fit.update({f"{pre}slope{post}": f["slope"],
+                        f"{pre}r2{post}": f["r2"],
+                        f"{pre}points{post}": f["points"]})
+        fits[name] = fit
+    return fits
+
+
+def _accelerator(algs: List[str], constant: Dict[Any, float],
+                 memory: float = 80e9) -> Dict[str, Dict[str, Any]]:
+    """What the model says an 80 GB device holds (P = H, float32)."""
+    out = {}
+    for alg in algs:
+        c = coefficients(alg)
+        const = max([v for (a, _), v in constant.items() if a == alg],
+                    default=0.0)
+        per = ITEMSIZE * (c["a"] + c["b"])
+        out[alg] = {
+            "bytes_per_hyperparam": per,
+            "max_hyperparams": int((memory - const) // per),
+            "peak_bytes_at_1e9": per * 1e9 + const,
+            "fits_1e9": bool(per * 1e9 + const <= memory),
+        }
+    return out
+
+
+def format_table(rows: List[Dict[str, Any]]) -> str:
+    header = (f"{'case':<21} {'n':>7} {'ms/step':>10} {'ns/hp':>7} "
+              f"{'peak MB':>9} {'B/hp':>7} {'pred MB':>9} {'meas/pred':>9} "
+              f"{'XLA MB':>9} {'faults':>7} {'load':>5}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        ratio = r["measured_over_predicted"]
+        flag = ("" if r["model_within_20pct"] is None
+                else " ok" if r["model_within_20pct"] else " OFF")
+        lines.append(
+            f"{r['name']:<21} {r['n_hyperparams']:>7.0e} "
+            f"{1e3 * r['median_seconds']:>10.3f} "
+            f"{r['ns_per_hyperparam']:>7.2f} "
+            f"{r['net_peak_bytes'] / 1e6:>9.1f} "
+            f"{r['bytes_per_hyperparam']:>7.1f} "
+            f"{r['predicted_bytes'] / 1e6:>9.1f} "
+            f"{'' if ratio is None else f'{ratio:.3f}':>9} "
+            f"{_mb(r['xla_total_bytes']):>9} "
+            f"{r['page_faults_per_step']:>7.0f} "
+            f"{r['load_average_1min'] or '':>5}{flag}")
+    lines.append("peak MB: process peak (VmHWM) minus the baseline process; "
+                 "B/hp = that / H; pred MB: the memory model; XLA MB: "
+                 "arguments + outputs - aliased + temporaries of the "
+                 "compiled step; faults: minor page faults per step")
+    return "\n".join(lines)
+
+
+def format_model(algs: List[str]) -> str:
+    lines = ["memory model (float32): peak = 4 (a P + b H) + batches + c"]
+    for alg in algs:
+        m, c = MODEL[alg], coefficients(alg)
+        lines.append(f"  {alg:<13} a={c['a']} b={c['b']}  state: "
+                     f"{m['state']}")
+        lines.append(f"  {'':<13} step: the old and the new state, plus "
+                     f"{m['temporaries']}")
+    return "\n".join(lines)
+
+
+def format_fits(fits: Dict[str, Dict[str, Any]], fit_min: float,
+                large: float) -> str:
+    lines = ["log-log least-squares slope of time per step against size",
+             f"{'case':<21} {'>=' + f'{fit_min:.0e}':>9} {'r2':>6} "
+             f"{'all':>6} {'>=' + f'{large:.0e}':>9} {'CPU time':>9}"]
+    for name, f in fits.items():
+        lines.append(f"{name:<21} {f['slope']:>9.3f} {f['r2']:>6.3f} "
+                     f"{f['slope_all']:>6.3f} {f['slope_large']:>9.3f} "
+                     f"{f['cpu_slope']:>9.3f}")
+    lines.append(f"(wall time unless marked; CPU time = user + system over "
+                 f"sizes >= {fit_min:.0e})")
+    return "\n".join(lines)
+
+
+def format_accelerator(accel: Dict[str, Dict[str, Any]]) -> str:
+    lines = ["an 80 GB accelerator, by the memory model (P = H, float32; "
+             "not measured):"]
+    for alg, a in accel.items():
+        lines.append(
+            f"  {alg:<13} {a['bytes_per_hyperparam']} B per hyperparameter: "
+            f"at most {a['max_hyperparams'] / 1e9:.2f}e9; 1e9 needs "
+            f"{a['peak_bytes_at_1e9'] / 1e9:.1f} GB "
+            f"({'fits' if a['fits_1e9'] else 'does not fit'})")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -130,7 +130,7 @@ def _resolve_public_alias(app, env, node, contnode):
 
 def _escape(text):
     """Backslash-escapes every reST markup character of a table cell."""
-    return re.sub(r"([^\w\s.,;()%+=/-])", r"\\\1", str(text)).replace(
+    return re.sub(r"([^a-zA-Z0-9\s.,;()%+=/-])", r"\\\1", str(text)).replace(
         "\n", " ")
 
 

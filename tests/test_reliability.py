@@ -195,16 +195,7 @@ def test_nan_in_train_batch_changes_nothing_and_is_counted(name, built):
         assert np.all(np.isfinite(leaf))
 
 
-# Known bug (gradhpo/utils/gradients.py, finite_difference_mixed_product):
-# ``nonzero = u_norm > 0`` is False for a NaN direction, so a NaN validation
-# gradient yields a *finite* zero mixed product; the outer optimizer then
-# applies its momentum to lambda instead of skipping. Fix: test
-# ``u_norm == 0`` instead, so NaN propagates. Strict: passes once fixed.
-FD_NAN_BUG = pytest.mark.xfail(
-    strict=True, reason="finite_difference_mixed_product maps a NaN "
-    "direction to a zero product (u_norm > 0 is False for NaN)")
-VAL_NAN_CASES = [pytest.param(n, marks=FD_NAN_BUG) if n == "t1t2_fd" else n
-                 for n in NAMES]
+VAL_NAN_CASES = NAMES
 
 
 @pytest.mark.parametrize("name", VAL_NAN_CASES)

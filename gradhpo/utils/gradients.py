@@ -258,15 +258,17 @@ def finite_difference_mixed_product(
       leaves).
     """
     u_norm = tu.norm(direction)
-    nonzero = u_norm > 0
-    eps = radius / jnp.where(nonzero, u_norm, 1.0)
+    # test for an exact zero (not u_norm > 0), so a NaN direction gives a
+    # NaN product and the step is skipped rather than silently zeroed
+    zero = u_norm == 0
+    eps = radius / jnp.where(zero, 1.0, u_norm)
     lam_f, lam_rest = tu.partition_float(hyperparams)
     grad_lam = jax.grad(
         lambda lam, w: train_loss(w, tu.combine(lam, lam_rest), batch))
     plus = grad_lam(lam_f, tu.axpy(eps, direction, params))
     minus = grad_lam(lam_f, tu.axpy(-eps, direction, params))
     mtu = jax.tree.map(
-        lambda p, m: jnp.where(nonzero, (p - m) / (2 * eps), 0.0).astype(
+        lambda p, m: jnp.where(zero, 0.0, (p - m) / (2 * eps)).astype(
             p.dtype), plus, minus)
     return tu.fill_none(mtu, hyperparams)
 

@@ -261,7 +261,7 @@ class HyperDistill(BilevelOptimizer):
         state = self._initial_state(
             params, hyperparams,
             metadata={"theta": jnp.asarray(self.theta, float_dtype())})
-        extra = {"w_star": state.params,
+        extra = {"w_star": jax.tree.map(jnp.copy, state.params),
                  "key": jax.random.PRNGKey(self.seed),
                  "episode_step": jnp.zeros((), jnp.int32)}
         if batch is not None:

@@ -825,81 +825,55 @@ def fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
 
+# (title, metric, format, width, show p): "±" cells hold mean±std over seeds
+VISION_COLUMNS = (
+    ("T@tau [s]", "t_at_target_seconds", ".2f", 16, True),
+    ("T@tau [G]", "t_at_target_grad_evals", ".0f", 18, True),
+    ("test acc", "final_test_accuracy", ".3f", 15, True),
+    ("AUC(t)", "auc_time", ".3f", 8, False),
+)
+LANGUAGE_COLUMNS = (
+    ("T@tau [s]", "t_at_target_seconds", ".1f", 16, True),
+    ("T@tau [G]", "t_at_target_grad_evals", ".0f", 16, True),
+    ("test ppl", "final_test_perplexity", ".2f", 14, True),
+    ("OOD ppl", "final_ood_perplexity", ".1f", 14, True),
+)
+
+
 def print_table(summary, args):
+    """The results table: one row per variant, paired p-values vs the
+    baseline, then the reductions of the time-to-target metrics."""
     if args.task == "language":
-        return print_language_table(summary, args)
-    print(f"\nT@tau with tau = {args.target:.3f} validation accuracy; "
+        columns, target = LANGUAGE_COLUMNS, "validation perplexity"
+        tau = f"{args.target:.2f}"
+    else:
+        columns, target = VISION_COLUMNS, "validation accuracy"
+        tau = f"{args.target:.3f}"
+    print(f"\nT@tau with tau = {tau} {target}; "
           f"{args.scheduler.upper()}, {len(args.seed_list)} paired seeds; "
           "mean ± std over seeds; p: paired two-sided Wilcoxon vs baseline")
-    head = (f"{'variant':<18}{'reach':>6}{'T@tau [s]':>16}{'p':>7}"
-            f"{'T@tau [G]':>18}{'p':>7}{'test acc':>15}{'p':>7}"
-            f"{'AUC(t)':>8}{'ovh t':>7}{'ovh G':>7}{'KL':>8}")
+    head = f"{'variant':<18}{'reach':>6}"
+    for title, _, _, width, with_p in columns:
+        head += f"{title:>{width}}" + (f"{'p':>7}" if with_p else "")
+    head += f"{'ovh t':>7}{'ovh G':>7}{'KL':>8}"
     print(head)
     print("-" * len(head))
     for n, s in summary.items():
         sm, vs = s["summary"], s["vs_baseline"]
-
-        def cell(m, spec, width):
-            v = sm[m]
-            text = f"{fmt(v['mean'], spec)}±{fmt(v['std'], spec)}"
-            return f"{text:>{width}}"
-
-        def p(m):
-            return f"{fmt(vs.get(m, {}).get('p_value'), '.3f'):>7}"
+        row = f"{n:<18}{sm['reached_target']:>3}/{sm['seeds']:<2}"
+        for _, metric, spec, width, with_p in columns:
+            v = sm[metric]
+            if with_p:
+                text = f"{fmt(v['mean'], spec)}±{fmt(v['std'], spec)}"
+                p = vs.get(metric, {}).get("p_value")
+                row += f"{text:>{width}}{fmt(p, '.3f'):>7}"
+            else:
+                row += f"{fmt(v['mean'], spec):>{width}}"
         kl = vs.get("kl_final_psi", {}).get("value")
-        print(f"{n:<18}{sm['reached_target']:>3}/{sm['seeds']:<2}"
-              f"{cell('t_at_target_seconds', '.2f', 16)}"
-              f"{p('t_at_target_seconds')}"
-              f"{cell('t_at_target_grad_evals', '.0f', 18)}"
-              f"{p('t_at_target_grad_evals')}"
-              f"{cell('final_test_accuracy', '.3f', 15)}"
-              f"{p('final_test_accuracy')}"
-              f"{fmt(sm['auc_time']['mean'], '.3f'):>8}"
-              f"{fmt(sm['overhead_time_share']['mean'], '.1%'):>7}"
-              f"{fmt(sm['overhead_grad_share']['mean'], '.1%'):>7}"
-              f"{fmt(kl, '.3f'):>8}")
-    for n, s in summary.items():
-        for m, c in s["vs_baseline"].items():
-            if "mean_reduction" in c:
-                print(f"{n}: {m} reduction vs baseline: mean "
-                      f"{c['mean_reduction']:+.1%}, median "
-                      f"{c['median_reduction']:+.1%}, p = "
-                      f"{fmt(c['p_value'], '.3f')}"
-                      + (f" ({c['reason']})" if c["reason"] else ""))
-
-
-def print_language_table(summary, args):
-    print(f"\nT@tau with tau = {args.target:.2f} validation perplexity; "
-          f"{args.scheduler.upper()}, {len(args.seed_list)} paired seeds; "
-          "mean ± std over seeds; p: paired two-sided Wilcoxon vs baseline")
-    head = (f"{'variant':<18}{'reach':>6}{'T@tau [s]':>16}{'p':>7}"
-            f"{'T@tau [G]':>16}{'p':>7}{'test ppl':>14}{'p':>7}"
-            f"{'OOD ppl':>14}{'p':>7}{'ovh t':>7}{'ovh G':>7}{'KL':>8}")
-    print(head)
-    print("-" * len(head))
-    for n, s in summary.items():
-        sm, vs = s["summary"], s["vs_baseline"]
-
-        def cell(m, spec, width):
-            v = sm[m]
-            text = f"{fmt(v['mean'], spec)}±{fmt(v['std'], spec)}"
-            return f"{text:>{width}}"
-
-        def p(m):
-            return f"{fmt(vs.get(m, {}).get('p_value'), '.3f'):>7}"
-        kl = vs.get("kl_final_psi", {}).get("value")
-        print(f"{n:<18}{sm['reached_target']:>3}/{sm['seeds']:<2}"
-              f"{cell('t_at_target_seconds', '.1f', 16)}"
-              f"{p('t_at_target_seconds')}"
-              f"{cell('t_at_target_grad_evals', '.0f', 16)}"
-              f"{p('t_at_target_grad_evals')}"
-              f"{cell('final_test_perplexity', '.2f', 14)}"
-              f"{p('final_test_perplexity')}"
-              f"{cell('final_ood_perplexity', '.1f', 14)}"
-              f"{p('final_ood_perplexity')}"
-              f"{fmt(sm['overhead_time_share']['mean'], '.1%'):>7}"
-              f"{fmt(sm['overhead_grad_share']['mean'], '.1%'):>7}"
-              f"{fmt(kl, '.3f'):>8}")
+        row += (f"{fmt(sm['overhead_time_share']['mean'], '.1%'):>7}"
+                f"{fmt(sm['overhead_grad_share']['mean'], '.1%'):>7}"
+                f"{fmt(kl, '.3f'):>8}")
+        print(row)
     for n, s in summary.items():
         for m, c in s["vs_baseline"].items():
             if "mean_reduction" in c:

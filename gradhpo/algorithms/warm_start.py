@@ -29,7 +29,7 @@ import optax
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
-from gradhpo.core.base import BilevelOptimizer, compiled
+from gradhpo.core.base import BilevelOptimizer, _signature, compiled
 from gradhpo.core.state import BilevelState, float_dtype
 from gradhpo.core.types import DataBatch, InnerOptimizer, LossFn, PyTree
 from gradhpo.utils import gradients as gr
@@ -174,6 +174,7 @@ class OneShotWarmStart(BilevelOptimizer):
         self.direction = direction
         self.seed = val.check_seed(seed)
         self.bounds = val.check_bounds(bounds)
+        self._bounds_checked: set = set()  # tree signatures (a cache)
         # the base class checks the leading lookahead axis of train_batch
         self._train_steps = self.lookahead if self.lookahead > 1 else None
 
@@ -193,12 +194,7 @@ class OneShotWarmStart(BilevelOptimizer):
         if flat.size == 0:
             raise ValueError("hyperparams must contain at least one floating "
                              "leaf for OneShotWarmStart to tune.")
-        for i, side in enumerate(self.bounds or ()):
-            val.check_option_shapes(side, state.hyperparams, f"bounds[{i}]")
-        lo, hi = self._flat_bounds(state.hyperparams, flat.dtype)
-        if not np.all(np.asarray(lo <= hi)):
-            raise ValueError("bounds must satisfy lower <= upper on every "
-                             f"entry, got {self.bounds!r}.")
+        self._check_bounds(state.hyperparams, flat.dtype)
         meta = dict(state.metadata)
         meta.update(
             hypergradient=jnp.full(flat.shape, jnp.nan, flat.dtype),
@@ -208,6 +204,21 @@ class OneShotWarmStart(BilevelOptimizer):
         extra = ({"key": jax.random.PRNGKey(self.seed)}
                  if self.direction == "random" else {})
         return state.replace(metadata=meta, extra=extra)
+
+    def _check_bounds(self, hyperparams: PyTree, dtype: Any) -> None:
+        """Checks ``bounds`` against the hyperparameters' tree, once per
+        tree signature: the Optuna helper calls ``init`` for every trial,
+        and the check ends in a device-to-host transfer."""
+        key = _signature(hyperparams)
+        if self.bounds is None or key in self._bounds_checked:
+            return
+        for i, side in enumerate(self.bounds):
+            val.check_option_shapes(side, hyperparams, f"bounds[{i}]")
+        lo, hi = self._flat_bounds(hyperparams, dtype)
+        if not np.all(np.asarray(lo <= hi)):
+            raise ValueError("bounds must satisfy lower <= upper on every "
+                             f"entry, got {self.bounds!r}.")
+        self._bounds_checked.add(key)
 
     def _check_state(self, state: BilevelState, train_batch: DataBatch,
                      val_batch: DataBatch) -> None:

@@ -13,14 +13,24 @@ in one run:
   calling ``opt.step`` once per configuration (the library's compiled step,
   which compiles once and never retraces).
 
-The problem is the MLP of ``step_cost.py`` (``make_problem``: one L2
-coefficient per weight, ``lambda = exp(rho)``, SGD with momentum 0.9 inside,
-Adam outside), with hidden sizes ``--hidden`` (default ``64,64``: a
-784-64-64-10 MLP, 55k weights; 784-512-512-10 at 64 configurations spends
-seconds per round and measures the arithmetic of 2 CPU cores rather than the
-population machinery). The :math:`n` settings differ in their initial L2
-coefficient, log-spaced from ``1e-5`` to ``1e-2``; all members start from the
-same weights.
+Two problems (``--problem``), both the MLP of ``step_cost.py``
+(``make_problem``: one L2 coefficient per weight, ``lambda = exp(rho)``, SGD
+with momentum 0.9 inside, Adam outside):
+
+* ``digits`` (default): scikit-learn's digits size, 64-32-10 with batch 32
+  (2,410 weights). A step of one configuration is a few hundred small XLA
+  operations, so on a CPU its time is the per-operation overhead, not
+  arithmetic; ``vmap`` turns n small operations into one of n times the
+  size. This is the regime of many small trials a scheduler samples.
+* ``mnist``: 784-64-64-10 with batch 128 (55k weights). One configuration
+  already keeps both CPU cores busy with its matrix products, so ``vmap``
+  cannot do fewer floating-point operations than the loop and the two run
+  at about the same speed; on an accelerator the same population fills
+  the device instead.
+
+``--hidden``, ``--batch`` and ``--side`` override a preset. The :math:`n`
+settings differ in their initial L2 coefficient, log-spaced from ``1e-5``
+to ``1e-2``; all members start from the same weights.
 
 Timing uses ``_common``: every case compiled and warmed up, a sample of each
 case calibrated to about ``--sample-seconds``, then ``--rounds`` rounds in a
@@ -30,8 +40,10 @@ loop time / vmap time, with its interquartile range). The goal from the
 issue: at least 5x the loop at 32 configurations.
 
 Example:
-  python benchmarks/population.py --out benchmarks/results/population.json
-  python benchmarks/population.py --hidden 512,512 --sizes 1,8,32
+  cd benchmarks
+  python population.py --out results/population_digits.json
+  python population.py --problem mnist --out results/population_mnist.json
+  python population.py --problem mnist --hidden 512,512 --sizes 1,8,32
   python benchmarks/population.py --quick
 """
 
@@ -62,6 +74,8 @@ from gradhpo.utils.parallel import init_population, unstack  # noqa: E402
 ALGORITHMS = ("t1t2_exact", "t1t2_fd", "hyperdistill")
 GOAL_SIZE = 32
 GOAL_SPEEDUP = 5.0
+# (input side, hidden sizes, batch) of each problem preset
+PROBLEMS = {"digits": (8, "32", 32), "mnist": (28, "64,64", 128)}
 
 
 def make_optimizer(alg: str, pb: "sc.Problem"):
@@ -187,10 +201,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="population sizes (default 1,2,4,8,16,32,64)")
     p.add_argument("--algorithms", default="t1t2_exact",
                    help="comma-separated subset of " + ", ".join(ALGORITHMS))
+    p.add_argument("--problem", choices=sorted(PROBLEMS), default="digits",
+                   help="preset: digits = 64-32-10 MLP, batch 32; mnist = "
+                   "784-64-64-10 MLP, batch 128")
     p.add_argument("--hidden", default=None,
-                   help="MLP hidden sizes (default 64,64, quick 16,16)")
+                   help="MLP hidden sizes (default: the preset's; quick "
+                   "16,16)")
+    p.add_argument("--side", type=int, default=None,
+                   help="inputs are side x side images (default: the "
+                   "preset's, 8 or 28)")
     p.add_argument("--batch", type=int, default=None,
-                   help="batch size (default 128, quick 16)")
+                   help="batch size (default: the preset's; quick 16)")
     p.add_argument("--rounds", type=int, default=None,
                    help="timed rounds (default 15, quick 3)")
     p.add_argument("--sample-seconds", type=float, default=None,
@@ -210,8 +231,10 @@ def main(argv=None) -> Dict[str, Any]:
     quick = args.quick
     sizes = sc._ints(args.sizes or ("1,2,4" if quick
                                     else "1,2,4,8,16,32,64"))
-    hidden = sc._ints(args.hidden or ("16,16" if quick else "64,64"))
-    batch = args.batch or (16 if quick else 128)
+    side, preset_hidden, preset_batch = PROBLEMS[args.problem]
+    side = args.side or side
+    hidden = sc._ints(args.hidden or ("16,16" if quick else preset_hidden))
+    batch = args.batch or (16 if quick else preset_batch)
     rounds = args.rounds or (3 if quick else 15)
     sample_seconds = args.sample_seconds or (0.005 if quick else 0.1)
     warmup = args.warmup if args.warmup is not None else (1 if quick else 2)
@@ -221,12 +244,13 @@ def main(argv=None) -> Dict[str, Any]:
         raise SystemExit(f"--algorithms: unknown {sorted(unknown)}; known: "
                          f"{list(ALGORITHMS)}")
     pb = sc.make_problem(
-        "mlp", hidden=hidden, channels=(4, 8), batch=batch, side=28,
+        "mlp", hidden=hidden, channels=(4, 8), batch=batch, side=side,
         inner_lr=0.05, momentum=0.9, outer_lr=1e-2, l2_init=1e-4,
         fd_radius=0.01, seed=args.seed)
     date = datetime.datetime.now().isoformat(timespec="seconds")
     load_start = cm.load_average()
-    print(f"population: {pb.config['architecture']}, batch {batch}, "
+    print(f"population ({args.problem}): {pb.config['architecture']}, "
+          f"batch {batch}, "
           f"{pb.config['n_params']:,} params, "
           f"{pb.config['n_hyperparams']:,} hyperparams per configuration; "
           f"sizes {sizes}; {', '.join(algs)}")
@@ -257,7 +281,8 @@ def main(argv=None) -> Dict[str, Any]:
                             + list(argv if argv is not None
                                    else sys.argv[1:])),
         "date": date,
-        "config": dict(pb.config, sizes=sizes, algorithms=algs,
+        "config": dict(pb.config, problem=args.problem, sizes=sizes,
+                       algorithms=algs,
                        rounds=rounds, calls=calls, warmup=warmup,
                        quick=quick, sample_seconds=sample_seconds,
                        settings="initial L2 log-spaced in [1e-5, 1e-2]; "

@@ -13,8 +13,30 @@ Measures, side by side in one run, on the same model and batch:
 * ``hand_fd``: a hand-written DARTS central-difference step (Liu et al.
   2019, eq. 8);
 * ``t1t2_fd``: ``T1T2(hypergradient="finite_difference")``;
-* optional rows for Greedy, HyperDistill and OneShotWarmStart when those
-  modules exist (skipped otherwise).
+* when the modules exist (skipped otherwise), each with its hand-written
+  counterpart (jax/optax only, no gradhpo):
+
+  - ``hand_greedy`` / ``greedy``: ``Greedy(horizon=H, gamma=0.9)``, per
+    inner step; by hand, a ``lax.scan`` over the :math:`H` inner steps of
+    :math:`G \leftarrow \gamma G + B_t^\top \nabla_w L_{val}(w_t; V_t)`
+    (ALGORITHMS.md §4.2) and Adam on :math:`\rho`;
+    ``hand_greedy_unrolled`` is the same with the horizon unrolled (no XLA
+    while loop: on CPU a convolution inside a while loop is not lowered to
+    the fast library kernels, which makes every ``scan`` row of the CNN
+    ~20x slower);
+  - ``hand_hyperdistill`` / ``hyperdistill``: one online HyperDistill step
+    (:math:`w^*`, :math:`D^*` update, one VJP at the distilled point scaled
+    by :math:`\theta S_t`, Adam);
+  - ``hand_warm_start`` / ``warm_start``: ``OneShotWarmStart(lookahead=1)``,
+    the whole warm start (``value_and_grad`` of the lookahead objective and
+    one step :math:`\rho \leftarrow \rho - 10^{-3} g`).
+
+Before timing, every hand-written row is checked against its library row
+(``--check``, on by default): from the same state, the hypergradient each
+applies, and after each of two calls the change of :math:`\rho` and the
+weights, agree to ``--check-rtol`` (1e-4) in float32; the script stops
+otherwise, since the ratio to a row computing other mathematics would mean
+nothing.
 
 The hyperparameters are one L2 coefficient per weight, log-parametrised:
 :math:`\lambda = e^\rho` and
@@ -38,8 +60,9 @@ shared machine during one round cancels). Run
 ``python benchmarks/step_cost.py --help`` for the options.
 
 Example:
-  python benchmarks/step_cost.py --out step_cost_mlp.json
-  python benchmarks/step_cost.py --model cnn --out step_cost_cnn.json
+  python benchmarks/step_cost.py --out benchmarks/results/step_cost_mlp.json
+  python benchmarks/step_cost.py --model cnn \
+      --out benchmarks/results/step_cost_cnn.json
   python benchmarks/step_cost.py --quick --hlo
 """
 
@@ -70,7 +93,16 @@ BASE = "plain"
 # Goals from the issues: the library within 10% of hand-written code.
 GOAL_EXACT_VS_PLAIN = 2.75
 GOAL_FD_VS_PLAIN = 3.0
+GOAL_GREEDY_VS_PLAIN = 3.2        # per inner step
+GOAL_HYPERDISTILL_VS_PLAIN = 3.2
+GOAL_WARM_START_VS_PLAIN = 4.0    # the whole warm start
 GOAL_VS_HAND = 1.1
+
+# Configuration of the optional rows (library and hand-written alike).
+GAMMA = 0.9            # Greedy and HyperDistill discount
+THETA = 1.0            # HyperDistill size coefficient
+SEED = 0               # HyperDistill subsampling key
+WARM_STEP_SIZE = 1e-3  # OneShotWarmStart hyper step size
 
 
 # --------------------------------------------------------------------------
@@ -238,21 +270,13 @@ def _hand_carry(pb: Problem):
 
 def build_hand_exact(pb: Problem):
     """One-step exact hypergradient, hand-written (ALGORITHMS.md §1.8)."""
-    @jax.jit
-    def step(carry, data, val_data):
-        w, s, rho, r = carry
+    def hypergradient(carry, data, val_data):
+        w, s, rho, _ = carry
+        w1, s1, h = _t1t2_term(pb, w, s, rho, data, val_data)
+        return h, w1, s1
 
-        def phi(rho_):
-            g = jax.grad(pb.train_loss)(w, rho_, data)
-            updates, s1 = pb.inner.update(g, s, w)
-            return optax.apply_updates(w, updates), s1
-
-        w1, pull, s1 = jax.vjp(phi, rho, has_aux=True)
-        v = jax.grad(pb.val_loss)(w1, rho, val_data)
-        (h,) = pull(v)
-        updates, r1 = pb.outer.update(h, r, rho)
-        return w1, s1, optax.apply_updates(rho, updates), r1
-    return step, _hand_carry(pb), (pb.train_batch, pb.val_batch)
+    return _adam_step(pb)(hypergradient), _hand_carry(pb), (
+        pb.train_batch, pb.val_batch)
 
 
 def build_hand_fd(pb: Problem):
@@ -264,23 +288,203 @@ def build_hand_fd(pb: Problem):
     """
     grad_rho = jax.grad(pb.train_loss, argnums=1)
 
-    @jax.jit
-    def step(carry, data, val_data):
-        w, s, rho, r = carry
+    def hypergradient(carry, data, val_data):
+        w, s, rho, _ = carry
         g = jax.grad(pb.train_loss)(w, rho, data)
         updates, s1 = pb.inner.update(g, s, w)
         w1 = optax.apply_updates(w, updates)
         v = jax.grad(pb.val_loss)(w1, rho, val_data)
         u = jax.tree.map(lambda x: -pb.inner_lr * x, v)
-        eps = pb.fd_radius / optax.global_norm(u)
+        eps = pb.fd_radius / jnp.sqrt(sum(
+            jnp.sum(x ** 2) for x in jax.tree.leaves(u)))
         plus = grad_rho(jax.tree.map(lambda a, b: a + eps * b, w, u), rho,
                         data)
         minus = grad_rho(jax.tree.map(lambda a, b: a - eps * b, w, u), rho,
                          data)
         h = jax.tree.map(lambda p, m: (p - m) / (2 * eps), plus, minus)
-        updates, r1 = pb.outer.update(h, r, rho)
-        return w1, s1, optax.apply_updates(rho, updates), r1
-    return step, _hand_carry(pb), (pb.train_batch, pb.val_batch)
+        return h, w1, s1
+
+    return _adam_step(pb)(hypergradient), _hand_carry(pb), (
+        pb.train_batch, pb.val_batch)
+
+
+def _with_hypergradient(step, hypergradient):
+    """Attaches ``step.hypergradient(carry, *args) -> h`` (jitted), the
+    hypergradient the step applies, for the equivalence check."""
+    step.hypergradient = jax.jit(lambda carry, *args: hypergradient(
+        carry, *args)[0])
+    return step
+
+
+def _t1t2_term(pb: Problem, w, s, rho, data, val_data):
+    """One inner step and its T1-T2 term B^T grad_w L_val(w_1; V)."""
+    def phi(rho_):
+        g = jax.grad(pb.train_loss)(w, rho_, data)
+        updates, s1 = pb.inner.update(g, s, w)
+        return optax.apply_updates(w, updates), s1
+
+    w1, pull, s1 = jax.vjp(phi, rho, has_aux=True)
+    a = jax.grad(pb.val_loss)(w1, rho, val_data)
+    (b,) = pull(a)
+    return w1, s1, b
+
+
+def _adam_step(pb: Problem):
+    """The jitted step of a hand-written hypergradient: inner weights from
+    the hypergradient function, outer Adam on rho."""
+    def make(hypergradient):
+        @jax.jit
+        def step(carry, data, val_data):
+            _, _, rho, r = carry
+            h, w1, s1 = hypergradient(carry, data, val_data)
+            updates, r1 = pb.outer.update(h, r, rho)
+            return w1, s1, optax.apply_updates(rho, updates), r1
+        return _with_hypergradient(step, hypergradient)
+    return make
+
+
+def build_hand_greedy(horizon: int, gamma: float, unroll: bool = False):
+    r"""Generalized greedy over ``horizon`` inner steps, hand-written.
+
+    ``lax.scan`` over the horizon (or a Python loop with ``unroll``): each
+    inner step :math:`w_t = \Phi(w_{t-1}, s_{t-1}, \rho; D_t)` with the
+    pullback :math:`B_t^\top`, :math:`a_t = \nabla_w L_{val}(w_t; V_t)`, the
+    online sum :math:`G \leftarrow \gamma G + B_t^\top a_t` (ALGORITHMS.md
+    §4.2; the direct term is zero here), then Adam on :math:`\rho` with
+    :math:`G`.
+    """
+    def build(pb: Problem):
+        def hypergradient(carry, data, val_data):
+            w, s, rho, _ = carry
+            if horizon == 1:
+                data, val_data = _stack((data, val_data), 1)
+
+            def body(c, batches):
+                w, s, acc = c
+                w1, s1, b = _t1t2_term(pb, w, s, rho, *batches)
+                acc = jax.tree.map(lambda x, y: gamma * x + y, acc, b)
+                return (w1, s1, acc), None
+
+            c = (w, s, jax.tree.map(jnp.zeros_like, rho))
+            if unroll:
+                for t in range(horizon):
+                    c, _ = body(c, jax.tree.map(lambda x: x[t],
+                                                (data, val_data)))
+            else:
+                c, _ = jax.lax.scan(body, c, (data, val_data))
+            w, s, acc = c
+            return acc, w, s
+
+        args = (pb.train_batch, pb.val_batch)
+        if horizon > 1:  # batches as the library takes them
+            args = (_stack(pb.train_batch, horizon),
+                    _stack(pb.val_batch, horizon))
+        return _adam_step(pb)(hypergradient), _hand_carry(pb), args
+    return build
+
+
+def build_hand_hyperdistill(gamma: float, theta: float, seed: int):
+    r"""One online HyperDistill step (Lee et al. 2022, Alg. 3), hand-written.
+
+    With :math:`t` the 1-based step, :math:`S_t = (1 - \gamma^t)/(1 -
+    \gamma)`, :math:`p_t = \gamma S_{t-1}/S_t`:
+    :math:`w^* \leftarrow p_t w^* + w_{t-1}/S_t`; :math:`D^*` keeps
+    ``round(B p_t)`` random examples of itself (``permutation(key) < k``,
+    the key split as the library does) and takes the rest from :math:`D_t`;
+    the real inner step :math:`w_t`; :math:`\alpha_t = \nabla_w L_{val}(w_t;
+    V)`; one VJP of the inner step at :math:`(w^*, s_{t-1}, D^*)` w.r.t.
+    :math:`\rho` applied to :math:`\alpha_t`, scaled by :math:`\theta S_t`;
+    Adam on :math:`\rho`. (For an L2 penalty, :math:`\partial\Phi /
+    \partial\rho = -\eta e^\rho w^*` does not involve the data, so XLA
+    drops the gradient at :math:`D^*` from both rows; :math:`D^*` is still
+    built and carried by both.)
+    """
+    def build(pb: Problem):
+        n = int(jax.tree.leaves(pb.train_batch)[0].shape[0])
+
+        def hypergradient(carry, data, val_data):
+            w, s, rho, _, w_star, d_star, key, t = carry
+            t = t + 1
+            tf = t.astype(jnp.float32)
+            s_t = (1.0 - gamma ** tf) / (1.0 - gamma)
+            p = gamma * (1.0 - gamma ** (tf - 1.0)) / (1.0 - gamma) / s_t
+            key, sub = jax.random.split(key)
+            w_star = jax.tree.map(lambda a, b: p * a + b / s_t, w_star, w)
+            keep = (jax.random.permutation(sub, n)
+                    < jnp.round(n * p).astype(jnp.int32))
+            d_star = jax.tree.map(
+                lambda a, b: jnp.where(
+                    keep.reshape((n,) + (1,) * (b.ndim - 1)), a, b),
+                d_star, data)
+            g = jax.grad(pb.train_loss)(w, rho, data)
+            updates, s1 = pb.inner.update(g, s, w)
+            w1 = optax.apply_updates(w, updates)
+            alpha = jax.grad(pb.val_loss)(w1, rho, val_data)
+
+            def phi(rho_):
+                g = jax.grad(pb.train_loss)(w_star, rho_, d_star)
+                updates, _ = pb.inner.update(g, s, w_star)
+                return optax.apply_updates(w_star, updates)
+
+            _, pull = jax.vjp(phi, rho)
+            (v,) = pull(alpha)
+            h = jax.tree.map(lambda x: theta * s_t * x, v)
+            return h, (w1, s1, w_star, d_star, key, t)
+
+        @jax.jit
+        def step(carry, data, val_data):
+            rho, r = carry[2], carry[3]
+            h, (w1, s1, w_star, d_star, key, t) = hypergradient(
+                carry, data, val_data)
+            updates, r1 = pb.outer.update(h, r, rho)
+            return (w1, s1, optax.apply_updates(rho, updates), r1, w_star,
+                    d_star, key, t)
+
+        carry = _hand_carry(pb) + (
+            pb.params, jax.tree.map(jnp.zeros_like, pb.train_batch),
+            jax.random.PRNGKey(seed), jnp.zeros((), jnp.int32))
+        return _with_hypergradient(step, hypergradient), carry, (
+            pb.train_batch, pb.val_batch)
+    return build
+
+
+def build_hand_warm_start(lookahead: int, step_size: float):
+    r"""One-shot warm start, hand-written: ``jax.value_and_grad`` of the
+    lookahead objective :math:`J(\rho) = L_{val}(\Phi^K(w_0, s_0, \rho;
+    B_1..B_K); V)` (a Python loop over the :math:`K` inner steps), then one
+    hyper-step :math:`\rho \leftarrow \rho - \eta_h \nabla J`; the weights
+    and inner state are left as they are."""
+    def build(pb: Problem):
+        def hypergradient(carry, data, val_data):
+            w, s, rho, _ = carry
+
+            def objective(rho_):
+                w_, s_ = w, s
+                for k in range(lookahead):
+                    batch = (data if lookahead == 1 else
+                             jax.tree.map(lambda x: x[k], data))
+                    g = jax.grad(pb.train_loss)(w_, rho_, batch)
+                    updates, s_ = pb.inner.update(g, s_, w_)
+                    w_ = optax.apply_updates(w_, updates)
+                return pb.val_loss(w_, rho_, val_data)
+
+            j, g = jax.value_and_grad(objective)(rho)
+            return g, j
+
+        @jax.jit
+        def step(carry, data, val_data):
+            w, s, rho, _ = carry
+            g, j = hypergradient(carry, data, val_data)
+            return w, s, jax.tree.map(lambda r, d: r - step_size * d, rho,
+                                      g), j
+
+        carry = (pb.params, pb.inner.init(pb.params), pb.hyperparams,
+                 jnp.zeros((), jnp.float32))
+        train = (_stack(pb.train_batch, lookahead) if lookahead > 1
+                 else pb.train_batch)
+        return _with_hypergradient(step, hypergradient), carry, (
+            train, pb.val_batch)
+    return build
 
 
 def _library_step(opt):
@@ -290,6 +494,7 @@ def _library_step(opt):
     # Expose the underlying jit for HLO inspection.
     step.lower = lambda state, data, val_data: opt.step.__wrapped_jit__.lower(
         opt, state, data, val_data)
+    step.hypergradient = opt.compute_hypergradient
     return step
 
 
@@ -306,31 +511,36 @@ def _stack(batch, k):
     return jax.tree.map(lambda x: jnp.stack([x] * k), batch)
 
 
-def build_greedy(horizon: int):
+def build_greedy(horizon: int, gamma: float):
     def build(pb: Problem):
         from gradhpo.algorithms.greedy import Greedy
         opt = Greedy(pb.train_loss, pb.val_loss, pb.inner, pb.outer,
-                     horizon=horizon, gamma=0.9)
+                     horizon=horizon, gamma=gamma)
         state = opt.init(pb.params, pb.hyperparams)
-        # One train and one validation slice per inner step.
+        # One train and one validation slice per inner step (a leading axis
+        # only for horizon > 1).
+        if horizon == 1:
+            return _library_step(opt), state, (pb.train_batch, pb.val_batch)
         return _library_step(opt), state, (_stack(pb.train_batch, horizon),
                                            _stack(pb.val_batch, horizon))
     return build
 
 
-def build_hyperdistill(pb: Problem):
-    from gradhpo.algorithms.online import HyperDistill
-    opt = HyperDistill(pb.train_loss, pb.val_loss, pb.inner, pb.outer,
-                       gamma=0.9, theta=1.0, seed=0)
-    state = opt.init(pb.params, pb.hyperparams, batch=pb.train_batch)
-    return _library_step(opt), state, (pb.train_batch, pb.val_batch)
+def build_hyperdistill(gamma: float, theta: float, seed: int):
+    def build(pb: Problem):
+        from gradhpo.algorithms.online import HyperDistill
+        opt = HyperDistill(pb.train_loss, pb.val_loss, pb.inner, pb.outer,
+                           gamma=gamma, theta=theta, seed=seed)
+        state = opt.init(pb.params, pb.hyperparams, batch=pb.train_batch)
+        return _library_step(opt), state, (pb.train_batch, pb.val_batch)
+    return build
 
 
-def build_warm_start(lookahead: int):
+def build_warm_start(lookahead: int, step_size: float):
     def build(pb: Problem):
         from gradhpo.algorithms.warm_start import OneShotWarmStart
         opt = OneShotWarmStart(pb.train_loss, pb.val_loss, pb.inner,
-                               step_size=1e-3, num_steps=1,
+                               step_size=step_size, num_steps=1,
                                lookahead=lookahead)
         state = opt.init(pb.params, pb.hyperparams)
         # K > 1 lookahead steps take a leading axis; one validation batch
@@ -352,8 +562,17 @@ def optional_modules() -> Dict[str, bool]:
     return found
 
 
-def cases(horizon: int = 5, lookahead: int = 1) -> List[cm.Case]:
-    """The registry of rows. Add a :class:`~_common.Case` to add a row."""
+def cases(horizon: int = 5, lookahead: int = 1,
+          model: str = "mlp") -> List[cm.Case]:
+    """The registry of rows. Add a :class:`~_common.Case` to add a row.
+
+    The goals relative to ``plain`` are stated for the MLP only; every
+    library row has the goal <= 1.1x its hand-written counterpart on both
+    models.
+    """
+    def vs_plain(goal):
+        return goal if model == "mlp" else None
+
     rows = [
         cm.Case(BASE, build_plain,
                 description="jitted optax step, fixed lambda (1 G)"),
@@ -362,29 +581,215 @@ def cases(horizon: int = 5, lookahead: int = 1) -> List[cm.Case]:
         cm.Case("hand_exact", build_hand_exact,
                 description="hand-written vjp through the step + Adam"),
         cm.Case("t1t2_exact", build_t1t2("exact"), reference="hand_exact",
-                goal_vs_base=GOAL_EXACT_VS_PLAIN,
+                goal_vs_base=vs_plain(GOAL_EXACT_VS_PLAIN),
                 goal_vs_reference=GOAL_VS_HAND,
                 description="T1T2(hypergradient='exact').step"),
         cm.Case("hand_fd", build_hand_fd,
                 description="hand-written DARTS central difference + Adam"),
         cm.Case("t1t2_fd", build_t1t2("finite_difference"),
-                reference="hand_fd", goal_vs_base=GOAL_FD_VS_PLAIN,
+                reference="hand_fd", goal_vs_base=vs_plain(GOAL_FD_VS_PLAIN),
                 goal_vs_reference=GOAL_VS_HAND,
                 description="T1T2(hypergradient='finite_difference').step"),
     ]
     found = optional_modules()
     if found["greedy"]:
-        rows.append(cm.Case(
-            "greedy", build_greedy(horizon), per_call=horizon,
-            description=f"Greedy(horizon={horizon}).step, per inner step"))
+        rows += [
+            cm.Case("hand_greedy", build_hand_greedy(horizon, GAMMA),
+                    per_call=horizon,
+                    description=f"hand-written greedy, lax.scan over "
+                    f"{horizon} steps + Adam, per inner step"),
+            cm.Case("hand_greedy_unrolled",
+                    build_hand_greedy(horizon, GAMMA, unroll=True),
+                    per_call=horizon,
+                    description="hand_greedy with the horizon unrolled "
+                    "(no XLA while loop), per inner step"),
+            cm.Case("greedy", build_greedy(horizon, GAMMA), per_call=horizon,
+                    reference="hand_greedy",
+                    goal_vs_base=vs_plain(GOAL_GREEDY_VS_PLAIN),
+                    goal_vs_reference=GOAL_VS_HAND,
+                    description=f"Greedy(horizon={horizon}).step, per inner "
+                    "step")]
     if found["online"]:
-        rows.append(cm.Case("hyperdistill", build_hyperdistill,
-                            description="HyperDistill.step (online step)"))
+        rows += [
+            cm.Case("hand_hyperdistill",
+                    build_hand_hyperdistill(GAMMA, THETA, SEED),
+                    description="hand-written online HyperDistill step "
+                    "+ Adam"),
+            cm.Case("hyperdistill", build_hyperdistill(GAMMA, THETA, SEED),
+                    reference="hand_hyperdistill",
+                    goal_vs_base=vs_plain(GOAL_HYPERDISTILL_VS_PLAIN),
+                    goal_vs_reference=GOAL_VS_HAND,
+                    description="HyperDistill.step (online step)")]
     if found["warm_start"]:
-        rows.append(cm.Case(
-            "warm_start", build_warm_start(lookahead),
-            description=f"OneShotWarmStart(lookahead={lookahead}), total"))
+        rows += [
+            cm.Case("hand_warm_start",
+                    build_hand_warm_start(lookahead, WARM_STEP_SIZE),
+                    description="hand-written value_and_grad of the "
+                    "lookahead + one hyper-step"),
+            cm.Case("warm_start", build_warm_start(lookahead, WARM_STEP_SIZE),
+                    reference="hand_warm_start",
+                    goal_vs_base=vs_plain(GOAL_WARM_START_VS_PLAIN),
+                    goal_vs_reference=GOAL_VS_HAND,
+                    description=f"OneShotWarmStart(lookahead={lookahead}), "
+                    "total")]
     return rows
+
+
+# Extra equivalence checks beyond (row, reference): the unrolled hand-written
+# greedy must compute what the library does too.
+EXTRA_CHECKS = (("greedy", "hand_greedy_unrolled"),)
+
+# The check's tolerance is multiplied by this for a (library, hand) pair.
+# * The DARTS central difference in float32 is itself only accurate to about
+#   4e-4 here (relative to the exact one-step hypergradient, which it equals
+#   in exact arithmetic for an L2 penalty): a one-ulp difference of rho
+#   between the two rows after the first call is amplified to that level at
+#   the second.
+# * On CPU, XLA lowers a convolution inside a while loop (lax.scan) with its
+#   generic loop emitter and outside with the library kernel, which round
+#   differently: on the CNN the unrolled greedy row differs from the scanned
+#   ones by 3e-5 in the weights and 3e-4 in the hypergradient after two calls
+#   (10 inner steps) in float32, and by 2e-15 in float64.
+CHECK_RTOL_SCALE = {("t1t2_fd", "hand_fd"): 10.0,
+                    ("greedy", "hand_greedy_unrolled"): 20.0}
+
+
+# --------------------------------------------------------------------------
+# Equivalence of the hand-written rows with the library
+
+
+def _params_and_hyperparams(carry):
+    """``(params, hyperparams)`` of a library state or a hand-written carry
+    (``(w, s, rho, ...)``)."""
+    if hasattr(carry, "hyperparams"):
+        return carry.params, carry.hyperparams
+    return carry[0], carry[2]
+
+
+def relative_error(a, b, slack: Any = None) -> float:
+    """Max over leaves and entries of ``|a - b| / (|b| + max|b|)``.
+
+    ``<= rtol`` is ``allclose(a, b, rtol, atol=rtol * max|b|)`` leafwise:
+    relative to each entry, with a floor at the scale of the leaf (so entries
+    that cancel to nearly zero do not count as large relative errors).
+    ``slack`` (a tree like ``b``, or ``None``) is subtracted from ``|a - b|``
+    first: the rounding that cannot be avoided.
+    """
+    worst = 0.0
+    slacks = (jax.tree.leaves(slack) if slack is not None
+              else [0.0] * len(jax.tree.leaves(b)))
+    for x, y, z in zip(jax.tree.leaves(a), jax.tree.leaves(b), slacks):
+        x = np.asarray(x, np.float64)
+        y = np.asarray(y, np.float64)
+        diff = np.maximum(np.abs(x - y) - np.asarray(z, np.float64), 0.0)
+        scale = float(np.max(np.abs(y))) if y.size else 0.0
+        if scale == 0.0:
+            err = float(np.max(diff)) if diff.size else 0.0
+        else:
+            err = float(np.max(diff / (np.abs(y) + scale)))
+        if not np.isfinite(err):
+            return float("inf")
+        worst = max(worst, err)
+    return worst
+
+
+def _change(rho, rho0):
+    return jax.tree.map(lambda x, y: np.asarray(x, np.float64)
+                        - np.asarray(y, np.float64), rho, rho0)
+
+
+def _vary(args, i):
+    """The batches of call ``i``: floating leaves scaled by ``1 + i / 4``
+    (the timed calls reuse one batch; here successive batches differ, so
+    HyperDistill's subsampled mixture :math:`D^*` of two batches matters)."""
+    return jax.tree.map(
+        lambda x: x * (1.0 + 0.25 * i)
+        if jnp.issubdtype(x.dtype, jnp.floating) else x, args)
+
+
+def check_equivalence(prebuilt: Dict[str, Tuple[Any, Any, Tuple[Any, ...]]],
+                      pairs: Sequence[Tuple[str, str]], steps: int = 2,
+                      rtol: float = 1e-4,
+                      log: Callable[[str], None] = print
+                      ) -> Dict[str, Dict[str, Any]]:
+    """Checks each hand-written row computes what its library row does.
+
+    From the same initial state, for ``steps`` calls: the hypergradient each
+    would apply (``fn.hypergradient``: the library's
+    ``compute_hypergradient`` and the hand-written row's own hypergradient
+    function, the one its timed step calls), then one step of each, after
+    which the hyperparameters' change and the weights are compared. Every
+    comparison is :func:`relative_error` ``<= rtol`` in float32. Comparing
+    the hypergradient itself matters: Adam's first step is about
+    ``-lr * sign(h)`` whatever the size of ``h``, and the warm start's step
+    ``1e-3 * h`` is below float32 resolution of ``rho``.
+
+    Args:
+      prebuilt: ``{name: (fn, carry0, args)}`` from the cases' builds (not
+        modified: every pair starts from ``carry0``).
+      pairs: ``(library row, hand-written row)`` names.
+      steps: calls compared (2 exercises HyperDistill's mixing of
+        :math:`D^*` and Adam's second moment).
+      rtol: tolerance.
+
+    Returns:
+      ``{"lib~hand": {"hypergradient": err, "hyperparams_change": err,
+      "params": err, "ok": bool}}`` with the worst error over the calls.
+    """
+    results = {}
+    for lib, hand in pairs:
+        if lib not in prebuilt or hand not in prebuilt:
+            continue
+        (lf, lc, la), (hf, hc, ha) = prebuilt[lib], prebuilt[hand]
+        rho0 = _params_and_hyperparams(hc)[1]
+        worst = {"hypergradient": 0.0, "hyperparams_change": 0.0,
+                 "params": 0.0}
+        for i in range(steps):
+            la_i, ha_i = _vary(la, i), _vary(ha, i)
+            errs = {"hypergradient": relative_error(
+                lf.hypergradient(lc, *la_i), hf.hypergradient(hc, *ha_i))}
+            lc, hc = lf(lc, *la_i), hf(hc, *ha_i)
+            (lw, lrho), (hw, hrho) = (_params_and_hyperparams(lc),
+                                      _params_and_hyperparams(hc))
+            errs["hyperparams_change"] = relative_error(
+                _change(lrho, rho0), _change(hrho, rho0),
+                # rho_t - rho_0 is resolved to one float32 ulp of rho_t
+                # (Adam moves rho ~ -9 by ~0.01: 1e-4 relative)
+                slack=jax.tree.map(lambda r: np.spacing(np.abs(
+                    np.asarray(r, np.float32))), hrho))
+            errs["params"] = relative_error(lw, hw)
+            worst = {k: max(v, errs[k]) for k, v in worst.items()}
+        tol = rtol * CHECK_RTOL_SCALE.get((lib, hand), 1.0)
+        ok = all(v <= tol for v in worst.values())
+        results[f"{lib}~{hand}"] = dict(worst, ok=ok, steps=steps, rtol=tol)
+        log(f"  check {lib} vs {hand}: hypergradient "
+            f"{worst['hypergradient']:.1e}, hyperparams change "
+            f"{worst['hyperparams_change']:.1e}, params "
+            f"{worst['params']:.1e} over {steps} calls "
+            f"(rtol {tol:g}): {'ok' if ok else 'MISMATCH'}")
+    return results
+
+
+def prebuild(registry: Sequence[cm.Case], pb: Problem,
+             log: Callable[[str], None] = print
+             ) -> Dict[str, Tuple[Any, Any, Tuple[Any, ...]]]:
+    """Builds every case once (skipping a row whose build raises)."""
+    built = {}
+    for case in registry:
+        try:
+            built[case.name] = case.build(pb)
+        except Exception as err:  # noqa: BLE001 -- report and skip the row
+            log(f"  skipping {case.name}: {type(err).__name__}: {err}")
+    return built
+
+
+def check_pairs(registry: Sequence[cm.Case]) -> List[Tuple[str, str]]:
+    """``(library row, hand-written row)`` pairs to check."""
+    names = {c.name for c in registry}
+    pairs = [(c.name, c.reference) for c in registry
+             if c.reference is not None and c.reference in names]
+    pairs += [p for p in EXTRA_CHECKS if set(p) <= names]
+    return pairs
 
 
 # --------------------------------------------------------------------------
@@ -429,6 +834,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated subset of rows (plain is always in)")
     p.add_argument("--hlo", action="store_true",
                    help="also report XLA flops, bytes and op counts per case")
+    p.add_argument("--check", action=argparse.BooleanOptionalAction,
+                   default=True,
+                   help="before timing, check that every hand-written row "
+                   "gives the library row's hypergradient, hyperparameters "
+                   "and weights (exit with an error if not)")
+    p.add_argument("--check-steps", type=int, default=2,
+                   help="calls compared by the check")
+    p.add_argument("--check-rtol", type=float, default=1e-4,
+                   help="tolerance of the check (float32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write a JSON report here")
     return p.parse_args(argv)
@@ -438,22 +852,33 @@ def _ints(text):
     return [int(x) for x in text.split(",") if x]
 
 
+def problem_from_args(args: argparse.Namespace) -> Problem:
+    """The problem the options describe (``--quick``: tiny sizes)."""
+    quick = args.quick
+    return make_problem(
+        args.model,
+        hidden=_ints(args.hidden or ("32,32" if quick else "512,512")),
+        channels=_ints(args.channels or ("4,8" if quick else "16,32")),
+        batch=args.batch or (16 if quick else 128), side=28,
+        inner_lr=args.inner_lr, momentum=args.momentum,
+        outer_lr=args.outer_lr, l2_init=args.l2_init,
+        fd_radius=args.fd_radius, seed=args.seed)
+
+
+def _prebuilt(result):
+    return lambda pb: result
+
+
 def main(argv=None) -> Dict[str, Any]:
     args = parse_args(argv)
     quick = args.quick
     rounds = args.rounds or (4 if quick else 40)
     warmup = args.warmup if args.warmup is not None else (1 if quick else 3)
     sample_seconds = args.sample_seconds or (0.005 if quick else 0.05)
-    batch = args.batch or (16 if quick else 128)
-    hidden = _ints(args.hidden or ("32,32" if quick else "512,512"))
-    channels = _ints(args.channels or ("4,8" if quick else "16,32"))
-    pb = make_problem(
-        args.model, hidden=hidden, channels=channels, batch=batch, side=28,
-        inner_lr=args.inner_lr, momentum=args.momentum,
-        outer_lr=args.outer_lr, l2_init=args.l2_init,
-        fd_radius=args.fd_radius, seed=args.seed)
+    pb = problem_from_args(args)
+    batch = pb.config["batch"]
 
-    registry = cases(args.horizon, args.lookahead)
+    registry = cases(args.horizon, args.lookahead, args.model)
     if args.cases:
         wanted = set(args.cases.split(",")) | {BASE}
         unknown = wanted - {c.name for c in registry}
@@ -469,6 +894,21 @@ def main(argv=None) -> Dict[str, Any]:
     print(f"jax {jax.__version__} on {jax.default_backend()}; "
           "compiling and warming up...")
     start = time.perf_counter()
+    prebuilt = prebuild(registry, pb)
+    equivalence: Dict[str, Dict[str, Any]] = {}
+    if args.check:
+        equivalence = check_equivalence(
+            prebuilt, check_pairs(registry), steps=args.check_steps,
+            rtol=args.check_rtol)
+        bad = sorted(k for k, v in equivalence.items() if not v["ok"])
+        if bad:
+            raise SystemExit(
+                f"equivalence check failed for {bad}: a hand-written row "
+                "does not compute what the library does, so its ratio "
+                "would be meaningless (--no-check to time anyway)")
+    # every case starts timing from its first state (the check ran copies)
+    registry = [dataclasses.replace(c, build=_prebuilt(prebuilt[c.name]))
+                for c in registry if c.name in prebuilt]
     built = cm.build_cases(registry, pb, warmup=warmup)
     calls = cm.calibrate_calls(built, sample_seconds, args.calls)
     print(f"timing {len(built)} cases x {rounds} rounds, alternating; calls "
@@ -511,7 +951,12 @@ def main(argv=None) -> Dict[str, Any]:
         "base": BASE,
         "goals": {"t1t2_exact_vs_plain": GOAL_EXACT_VS_PLAIN,
                   "t1t2_fd_vs_plain": GOAL_FD_VS_PLAIN,
+                  "greedy_per_inner_step_vs_plain": GOAL_GREEDY_VS_PLAIN,
+                  "hyperdistill_vs_plain": GOAL_HYPERDISTILL_VS_PLAIN,
+                  "warm_start_total_vs_plain": GOAL_WARM_START_VS_PLAIN,
+                  "vs_plain_goals_apply_to": "mlp",
                   "library_vs_hand_written": GOAL_VS_HAND},
+        "equivalence": equivalence,
         "rows": rows,
         "all_goals_pass": all_pass,
         "seconds_total": elapsed,
@@ -532,6 +977,9 @@ def format_hlo(hlo: Dict[str, Dict[str, Any]]) -> str:
             f"{name:<22} {st['flops'] / 1e9:>8.3f} "
             f"{st['bytes_accessed'] / 1e6:>9.1f} "
             + " ".join(f"{st['ops'][o]:>7d}" for o in ops))
+    lines.append("(XLA's estimate counts the body of a while loop, i.e. a "
+                 "lax.scan, once: compare such a row with its reference "
+                 "only)")
     return "\n".join(lines)
 
 

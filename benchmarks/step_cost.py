@@ -511,11 +511,11 @@ def _stack(batch, k):
     return jax.tree.map(lambda x: jnp.stack([x] * k), batch)
 
 
-def build_greedy(horizon: int, gamma: float):
+def build_greedy(horizon: int, gamma: float, unroll: Any = 1):
     def build(pb: Problem):
         from gradhpo.algorithms.greedy import Greedy
         opt = Greedy(pb.train_loss, pb.val_loss, pb.inner, pb.outer,
-                     horizon=horizon, gamma=gamma)
+                     horizon=horizon, gamma=gamma, unroll=unroll)
         state = opt.init(pb.params, pb.hyperparams)
         # One train and one validation slice per inner step (a leading axis
         # only for horizon > 1).
@@ -608,7 +608,13 @@ def cases(horizon: int = 5, lookahead: int = 1,
                     goal_vs_base=vs_plain(GOAL_GREEDY_VS_PLAIN),
                     goal_vs_reference=GOAL_VS_HAND,
                     description=f"Greedy(horizon={horizon}).step, per inner "
-                    "step")]
+                    "step"),
+            cm.Case("greedy_unrolled", build_greedy(horizon, GAMMA, True),
+                    per_call=horizon, reference="hand_greedy_unrolled",
+                    goal_vs_base=vs_plain(GOAL_GREEDY_VS_PLAIN),
+                    goal_vs_reference=GOAL_VS_HAND,
+                    description=f"Greedy(horizon={horizon}, unroll=True)"
+                    ".step, per inner step")]
     if found["online"]:
         rows += [
             cm.Case("hand_hyperdistill",
@@ -637,7 +643,8 @@ def cases(horizon: int = 5, lookahead: int = 1,
 
 # Extra equivalence checks beyond (row, reference): the unrolled hand-written
 # greedy must compute what the library does too.
-EXTRA_CHECKS = (("greedy", "hand_greedy_unrolled"),)
+EXTRA_CHECKS = (("greedy", "hand_greedy_unrolled"),
+                ("greedy_unrolled", "hand_greedy"))
 
 # The check's tolerance is multiplied by this for a (library, hand) pair.
 # * The DARTS central difference in float32 is itself only accurate to about
@@ -651,7 +658,8 @@ EXTRA_CHECKS = (("greedy", "hand_greedy_unrolled"),)
 #   ones by 3e-5 in the weights and 3e-4 in the hypergradient after two calls
 #   (10 inner steps) in float32, and by 2e-15 in float64.
 CHECK_RTOL_SCALE = {("t1t2_fd", "hand_fd"): 10.0,
-                    ("greedy", "hand_greedy_unrolled"): 20.0}
+                    ("greedy", "hand_greedy_unrolled"): 20.0,
+                    ("greedy_unrolled", "hand_greedy"): 20.0}
 
 
 # --------------------------------------------------------------------------

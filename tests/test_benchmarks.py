@@ -115,7 +115,8 @@ def test_hand_written_rows_compute_the_library_maths():
                                    log=lambda line: None)
     expected = set()
     if found["greedy"]:
-        expected.add("greedy~hand_greedy")
+        expected |= {"greedy~hand_greedy",
+                     "greedy_unrolled~hand_greedy_unrolled"}
     if found["online"]:
         expected.add("hyperdistill~hand_hyperdistill")
     if found["warm_start"]:

@@ -142,13 +142,15 @@ def test_horizon_one_equals_t1t2(x64, key, inner):
         chex.assert_trees_all_close(state, ref, rtol=1e-14, atol=0)
 
 
-def test_matches_independent_unrolled_loop(x64, key):
+@pytest.mark.parametrize("unroll", [1, 2, True])
+def test_matches_independent_unrolled_loop(x64, key, unroll):
     """sum_t gamma^(T-t) B_t^T a_t + direct term, with jax.vjp per step on
-    optax directly (Adam inner: B_t includes the preconditioner)."""
+    optax directly (Adam inner: B_t includes the preconditioner), whatever
+    the scan's unrolling."""
     horizon, gamma, tx = 4, 0.7, optax.adam(0.05)
     params, hp, train, val = _small_setup(key, horizon)
     opt = Greedy(small_train_loss, small_val_loss, tx, optax.sgd(0.1),
-                 horizon=horizon, gamma=gamma)
+                 horizon=horizon, gamma=gamma, unroll=unroll)
     state = opt.init(params, hp)
     state = opt.step(state, _stack(train), _stack(val))   # non-trivial s
     h = opt.compute_hypergradient(state, _stack(train), _stack(val))

@@ -30,7 +30,7 @@ coordinates and projected on a box (ALGORITHMS.md §4.4):
    \qquad m = 1_{S}, \quad S = \operatorname{top-k}(\text{score}).
 """
 
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -103,6 +103,13 @@ class Greedy(BilevelOptimizer):
         hyperparameters, or a prefix of it; ``False`` freezes the entries
         (their hypergradient is still reported). Integer leaves are always
         frozen.
+      unroll: passed to :func:`jax.lax.scan` over the horizon: ``1`` (a
+        loop, compiled once whatever the horizon), an int :math:`k` (k
+        inner steps per loop iteration) or ``True`` (fully unrolled; compile
+        time grows with the horizon). On CPU, XLA does not lower
+        convolutions inside a loop to its fast kernels (jax issue #12868):
+        a convolutional model on CPU runs about 20x faster per inner step
+        with ``unroll=True``. Memory stays :math:`O(P + H)` either way.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -138,7 +145,8 @@ class Greedy(BilevelOptimizer):
                  horizon: int = 1, gamma: float = 0.9,
                  top_k: Optional[int] = None, score: str = "magnitude",
                  bounds: Optional[Tuple[Any, Any]] = None,
-                 trainable: Optional[PyTree] = None) -> None:
+                 trainable: Optional[PyTree] = None,
+                 unroll: Union[int, bool] = 1) -> None:
         super().__init__(train_loss, val_loss, inner_optimizer,
                          outer_optimizer)
         self.horizon = val.check_int(horizon, "horizon", minimum=1)
@@ -149,6 +157,8 @@ class Greedy(BilevelOptimizer):
         self.score = score
         self.bounds = val.check_bounds(bounds)
         self.trainable = trainable
+        self.unroll = (unroll if isinstance(unroll, bool)
+                       else val.check_int(unroll, "unroll", minimum=1))
         # the base class checks the leading step axis of the batches
         steps = self.horizon if self.horizon > 1 else None
         self._train_steps = self._val_steps = steps
@@ -216,16 +226,17 @@ class Greedy(BilevelOptimizer):
         def body(carry, batches):
             w, s, acc, loss_sum, skipped, _, _ = carry
             d_t, v_t = batches
+            # guarded inside the update: a non-finite gradient keeps (w, s)
             inner, pullback = gr.inner_step_vjp(
-                self.train_loss, self.inner_optimizer, w, s, lam, d_t)
-            guarded = gr.guard_inner_step(inner, w, s)
+                self.train_loss, self.inner_optimizer, w, s, lam, d_t,
+                guard=True)
             value, a_t, direct = gr.value_and_grads(
-                self.val_loss, guarded.params, lam, v_t)
+                self.val_loss, inner.params, lam, v_t)
             # A skipped step is the identity map: its B_t is zero. The select
             # also keeps a NaN pullback of a bad inner gradient out of G.
             term = tu.select(inner.finite, pullback(a_t), tu.zeros_like(acc))
             acc = tu.axpy(self.gamma, acc, term)   # G <- gamma G + B_t^T a_t
-            return (guarded.params, guarded.opt_state, acc,
+            return (inner.params, inner.opt_state, acc,
                     loss_sum + inner.loss.astype(fdt),
                     skipped + jnp.logical_not(inner.finite).astype(jnp.int32),
                     value.astype(fdt), direct), None
@@ -238,7 +249,7 @@ class Greedy(BilevelOptimizer):
             carry, _ = body(carry, (train_batch, val_batch))
         else:
             carry, _ = lax.scan(body, carry, (train_batch, val_batch),
-                                length=self.horizon)
+                                length=self.horizon, unroll=self.unroll)
         w, s, acc, loss_sum, skipped, val_loss, direct = carry
         # the direct term once, at w_T on V_T (the last iteration's value)
         hypergradient = jax.tree.map(lambda a, b: a + b, direct, acc)
@@ -260,6 +271,11 @@ class Greedy(BilevelOptimizer):
         lam = state.hyperparams
         proposed, new_outer = gr.outer_update(
             self.outer_optimizer, hypergradient, state.outer_opt_state, lam)
+        if self.top_k is None and self.bounds is None and (
+                self.trainable is None):
+            # nothing to mask or project: skip the passes over the
+            # flattened hyperparameters
+            return proposed, new_outer, {}
         lam_f, lam_rest = tu.partition_float(lam)
         flat_lam, unravel = ravel_pytree(lam_f)
         flat_new = ravel_pytree(tu.partition_float(proposed)[0])[0]

@@ -301,9 +301,11 @@ class HyperDistill(BilevelOptimizer):
         # w*_t and D*_t are built from w_{t-1} and D_t (before the step).
         w_star = _average(p, q, extra["w_star"], state.params)
         d_star = _mix_batches(sub, p, d_old, train_batch)
+        # guarded inside the update (one pass): a non-finite gradient keeps
+        # (w, s), and _finish_step then skips the outer update as well
         inner = gr.inner_step(self.train_loss, self.inner_optimizer,
                               state.params, state.inner_opt_state,
-                              state.hyperparams, train_batch)
+                              state.hyperparams, train_batch, guard=True)
         val_loss, alpha, direct = gr.value_and_grads(
             self.val_loss, inner.params, state.hyperparams, val_batch)
         _, pullback = gr.inner_step_vjp(
@@ -330,7 +332,7 @@ class HyperDistill(BilevelOptimizer):
         hypergradient, inner, val_loss, extra = self._online(
             state, train_batch, val_batch)
         return self._finish_step(state, inner, hypergradient, val_loss,
-                                 extra=extra)
+                                 extra=extra, inner_guarded=True)
 
     # not (state, train_batch, val_batch): no batch checks
     @compiled(check_batches=False)

@@ -250,7 +250,10 @@ class OneShotWarmStart(BilevelOptimizer):
             else:
                 # differentiated end to end: residuals of all K steps are
                 # kept, O(K P) memory (K is small by design)
-                (w, _), losses = lax.scan(inner, carry, train_batch)
+                # unrolled: K is small, and on CPU XLA does not lower
+                # convolutions inside a loop to its fast kernels (jax#12868)
+                (w, _), losses = lax.scan(inner, carry, train_batch,
+                                          unroll=True)
             return self.val_loss(w, lam, val_batch), jnp.mean(losses)
 
         return (jax.value_and_grad(objective, has_aux=True), flat, unravel,
@@ -310,8 +313,9 @@ class OneShotWarmStart(BilevelOptimizer):
 
         carry = (x0, state.outer_opt_state, state.extra.get("key"),
                  jnp.zeros((), jnp.int32), jnp.zeros((), bool))
+        # unrolled (num_steps is a handful): see the lookahead scan above
         (x, outer, key, bad, clipped), (gs, js, train_losses) = lax.scan(
-            hyper_step, carry, None, length=self.num_steps)
+            hyper_step, carry, None, length=self.num_steps, unroll=True)
         delta = x - x0
         meta = dict(state.metadata)
         meta.update(

@@ -305,9 +305,11 @@ def finite_difference_step(
     finite = tu.all_finite(grads)
 
     def update(g, lam):
+        # unguarded: the VJP of a guarded update would materialise the
+        # selected cotangent as one more array; the guard is applied to the
+        # outputs below, where XLA fuses it with the update
         return apply_inner_update(inner_optimizer, g, opt_state, params,
-                                  tu.combine(lam, lam_rest),
-                                  finite if guard else None)
+                                  tu.combine(lam, lam_rest))
 
     if isinstance(inner_optimizer, optax.GradientTransformation):
         # lambda does not enter the optimizer: no first-order term
@@ -319,6 +321,9 @@ def finite_difference_step(
     else:
         new_params, vjp_fn, new_state = jax.vjp(update, grads, lam_f,
                                                 has_aux=True)
+    if guard:
+        new_params = tu.select(finite, new_params, params)
+        new_state = tu.select(finite, new_state, opt_state)
 
     def pullback(v):
         u, opt_term = vjp_fn(v)

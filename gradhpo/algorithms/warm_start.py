@@ -231,14 +231,15 @@ class OneShotWarmStart(BilevelOptimizer):
     # -- the lookahead objective J(psi) and its gradient ---------------------
 
     def _value_and_grad(self, state: BilevelState, train_batch: DataBatch,
-                        val_batch: DataBatch) -> Tuple[Callable, jax.Array,
-                                                       Callable, PyTree]:
-        """``x -> ((J, mean train loss), dJ/dx)`` on the flat floating
-        hyperparameters ``x``, with ``x_0``, the unravel map and the rest."""
-        flat, unravel, rest = _flat_floats(state.hyperparams)
+                        val_batch: DataBatch) -> Tuple[Callable, PyTree,
+                                                       PyTree]:
+        """``lam -> ((J, mean train loss), dJ/dlam)`` on the floating
+        hyperparameter leaves ``lam`` (a pytree), with their initial value
+        and the non-floating rest."""
+        lam_f, rest = tu.partition_float(state.hyperparams)
 
-        def objective(x):
-            lam = tu.combine(unravel(x), rest)
+        def objective(lam_f):
+            lam = tu.combine(lam_f, rest)
 
             def inner(carry, batch):
                 out = gr.inner_step(self.train_loss, self.inner_optimizer,
@@ -249,79 +250,102 @@ class OneShotWarmStart(BilevelOptimizer):
                 (w, _), losses = inner(carry, train_batch)
             else:
                 # differentiated end to end: residuals of all K steps are
-                # kept, O(K P) memory (K is small by design)
-                # unrolled: K is small, and on CPU XLA does not lower
-                # convolutions inside a loop to its fast kernels (jax#12868)
+                # kept, O(K P) memory (K is small by design); unrolled,
+                # because on CPU XLA does not lower convolutions inside a
+                # loop to its fast kernels (jax#12868)
                 (w, _), losses = lax.scan(inner, carry, train_batch,
                                           unroll=True)
             return self.val_loss(w, lam, val_batch), jnp.mean(losses)
 
-        return (jax.value_and_grad(objective, has_aux=True), flat, unravel,
-                rest)
+        return jax.value_and_grad(objective, has_aux=True), lam_f, rest
 
     @compiled
     def compute_hypergradient(self, state: BilevelState,
                               train_batch: DataBatch,
                               val_batch: DataBatch) -> PyTree:
-        grad_fn, flat, unravel, _ = self._value_and_grad(
+        grad_fn, lam_f, _ = self._value_and_grad(
             state, train_batch, val_batch)
-        _, g = grad_fn(flat)
-        return tu.fill_none(unravel(g), state.hyperparams)
+        _, g = grad_fn(lam_f)
+        return tu.fill_none(g, state.hyperparams)
 
     # -- the hyper-steps -----------------------------------------------------
 
-    def _proposal(self, g: jax.Array, x: jax.Array, outer_state: PyTree,
-                  unravel: Callable, rest: PyTree,
-                  like: PyTree) -> Tuple[jax.Array, PyTree]:
-        """The change the hypergradient direction would apply at ``x``."""
+    def _proposal(self, g: PyTree, lam_f: PyTree, outer_state: PyTree,
+                  rest: PyTree, like: PyTree) -> Tuple[PyTree, PyTree]:
+        """The change the hypergradient direction would apply at ``lam_f``
+        (leaf by leaf: no pass over a flattened copy)."""
         if self.outer_optimizer is None:
-            return -self.step_size * g, outer_state
+            return tu.scale(g, -self.step_size), outer_state
         new_lam, new_outer = gr.outer_update(
-            self.outer_optimizer, tu.fill_none(unravel(g), like),
-            outer_state, tu.combine(unravel(x), rest))
-        return _flat_floats(new_lam)[0] - x, new_outer
+            self.outer_optimizer, tu.fill_none(g, like), outer_state,
+            tu.combine(lam_f, rest))
+        new_f = tu.partition_float(new_lam)[0]
+        return jax.tree.map(jnp.subtract, new_f, lam_f), new_outer
+
+    def _random_like(self, key: jax.Array, delta: PyTree) -> PyTree:
+        """A direction of the length of ``delta``, uniformly random: one
+        standard normal vector over all floating entries (ravel order)."""
+        flat, unravel = ravel_pytree(delta)
+        d = jax.random.normal(key, flat.shape, flat.dtype)
+        return unravel(jnp.linalg.norm(flat) * d / jnp.linalg.norm(d))
 
     @compiled
     def step(self, state: BilevelState, train_batch: DataBatch,
              val_batch: DataBatch) -> BilevelState:
-        grad_fn, x0, unravel, rest = self._value_and_grad(
+        grad_fn, lam0, rest = self._value_and_grad(
             state, train_batch, val_batch)
-        lo, hi = self._flat_bounds(state.hyperparams, x0.dtype)
         if self.direction == "random" and "key" not in state.extra:
             raise ValueError(
                 'direction="random" needs state.extra["key"]; build the '
                 "state with this optimizer's init.")
+        if self.bounds is not None:
+            flat0, unravel = ravel_pytree(lam0)
+            lo, hi = (unravel(b) for b in self._flat_bounds(
+                state.hyperparams, flat0.dtype))
 
         def hyper_step(carry, _):
-            x, outer, key, bad, clipped = carry
-            (j, train_loss), g = grad_fn(x)
-            ok = jnp.all(jnp.isfinite(g))
+            lam, outer, key, bad, clipped = carry
+            (j, train_loss), g = grad_fn(lam)
+            # one reduction: the finiteness check and, kept, the norm
+            g_sq = tu.sum_squares(g)
+            ok = jnp.isfinite(g_sq)
             delta, new_outer = self._proposal(
-                jnp.where(ok, g, 0.0), x, outer, unravel, rest,
+                tu.select(ok, g, tu.zeros_like(g)), lam, outer, rest,
                 state.hyperparams)
             if self.direction == "random":
                 key, sub = jax.random.split(key)
-                d = jax.random.normal(sub, x.shape, x.dtype)
-                delta = jnp.linalg.norm(delta) * d / jnp.linalg.norm(d)
-            proposed = x + delta
-            projected = jnp.clip(proposed, lo, hi)
-            clipped = clipped | (ok & jnp.any(projected != proposed))
-            carry = (jnp.where(ok, projected, x),
+                delta = self._random_like(sub, delta)
+            proposed = tu.add(lam, delta)
+            if self.bounds is not None:
+                projected = jax.tree.map(jnp.clip, proposed, lo, hi)
+                moved = jax.tree.map(lambda a, b: jnp.any(a != b),
+                                     projected, proposed)
+                clipped = clipped | (ok & jnp.any(jnp.stack(
+                    jax.tree.leaves(moved))))
+                proposed = projected
+            carry = (tu.select(ok, proposed, lam),
                      tu.select(ok, new_outer, outer), key,
                      bad + jnp.logical_not(ok).astype(jnp.int32), clipped)
-            return carry, (g, j, train_loss)
+            return carry, (g, g_sq, j, train_loss)
 
-        carry = (x0, state.outer_opt_state, state.extra.get("key"),
+        carry = (lam0, state.outer_opt_state, state.extra.get("key"),
                  jnp.zeros((), jnp.int32), jnp.zeros((), bool))
-        # unrolled (num_steps is a handful): see the lookahead scan above
-        (x, outer, key, bad, clipped), (gs, js, train_losses) = lax.scan(
-            hyper_step, carry, None, length=self.num_steps, unroll=True)
-        delta = x - x0
+        if self.num_steps == 1:   # the usual case: no loop at all
+            carry, (g0, g0_sq, j0, tl0) = hyper_step(carry, None)
+        else:   # unrolled, as the lookahead (num_steps is a handful)
+            carry, outs = lax.scan(hyper_step, carry, None,
+                                   length=self.num_steps, unroll=True)
+            g0, g0_sq, j0, tl0 = jax.tree.map(lambda x: x[0], outs)
+        lam, outer, key, bad, clipped = carry
+        delta = jax.tree.map(jnp.subtract, lam, lam0)
+        flat_delta = ravel_pytree(delta)[0]
         meta = dict(state.metadata)
         meta.update(
-            train_loss=train_losses[0], val_loss=js[0],
-            hypergradient=gs[0], hypergradient_norm=jnp.linalg.norm(gs[0]),
-            delta=delta, delta_norm=jnp.linalg.norm(delta), clipped=clipped,
+            train_loss=tl0, val_loss=j0,
+            hypergradient=ravel_pytree(g0)[0],
+            hypergradient_norm=jnp.sqrt(g0_sq),
+            delta=flat_delta, delta_norm=jnp.linalg.norm(flat_delta),
+            clipped=clipped,
             nonfinite_count=state.metadata["nonfinite_count"] + bad)
         # dtypes fixed at init, so a jitted step never retraces
         meta = {k: jnp.asarray(v).astype(jnp.result_type(state.metadata[k]))
@@ -330,5 +354,5 @@ class OneShotWarmStart(BilevelOptimizer):
         if key is not None:
             extra["key"] = key
         return state.replace(
-            hyperparams=tu.combine(unravel(x), rest), outer_opt_state=outer,
+            hyperparams=tu.combine(lam, rest), outer_opt_state=outer,
             step=state.step + 1, metadata=meta, extra=extra)

@@ -306,18 +306,21 @@ class HyperDistill(BilevelOptimizer):
         inner = gr.inner_step(self.train_loss, self.inner_optimizer,
                               state.params, state.inner_opt_state,
                               state.hyperparams, train_batch, guard=True)
-        val_loss, alpha, direct = gr.value_and_grads(
-            self.val_loss, inner.params, state.hyperparams, val_batch)
-        _, pullback = gr.inner_step_vjp(
-            self.train_loss, self.inner_optimizer, w_star,
-            state.inner_opt_state, state.hyperparams, d_star)
-        scale = state.metadata["theta"] * geometric_sum(self.gamma, t)
-        hypergradient = tu.axpy(scale, pullback(alpha), direct)
-        # a skipped inner step leaves the episode where it was
+        # a skipped inner step leaves the episode where it was; the VJP
+        # below reads the selected (w*, D*) too, so only one version of
+        # them is materialised (when the step is skipped, so is the
+        # hypergradient it feeds)
         old = {"w_star": extra["w_star"], "d_star": d_old,
                "episode_step": extra["episode_step"]}
         new = {"w_star": w_star, "d_star": d_star, "episode_step": t}
         new_extra = dict(tu.select(inner.finite, new, old), key=key)
+        val_loss, alpha, direct = gr.value_and_grads(
+            self.val_loss, inner.params, state.hyperparams, val_batch)
+        _, pullback = gr.inner_step_vjp(
+            self.train_loss, self.inner_optimizer, new_extra["w_star"],
+            state.inner_opt_state, state.hyperparams, new_extra["d_star"])
+        scale = state.metadata["theta"] * geometric_sum(self.gamma, t)
+        hypergradient = tu.axpy(scale, pullback(alpha), direct)
         return hypergradient, inner, val_loss, new_extra
 
     @compiled

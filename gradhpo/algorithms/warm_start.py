@@ -39,14 +39,6 @@ from gradhpo.utils import validation as val
 DIRECTIONS = ("hypergradient", "random")
 
 
-def _flat_floats(tree: PyTree) -> Tuple[jax.Array, Callable, PyTree]:
-    """The floating leaves of ``tree`` as one vector (in ``jax.tree.leaves``
-    order), its inverse, and the non-floating rest."""
-    floats, rest = tu.partition_float(tree)
-    flat, unravel = ravel_pytree(floats)
-    return flat, unravel, rest
-
-
 class OneShotWarmStart(BilevelOptimizer):
     r"""One-shot hypergradient warm start (OHGW) with a lookahead.
 
@@ -190,7 +182,7 @@ class OneShotWarmStart(BilevelOptimizer):
 
     def init(self, params: PyTree, hyperparams: PyTree) -> BilevelState:
         state = self._initial_state(params, hyperparams)
-        flat, _, _ = _flat_floats(state.hyperparams)
+        flat = ravel_pytree(tu.partition_float(state.hyperparams)[0])[0]
         if flat.size == 0:
             raise ValueError("hyperparams must contain at least one floating "
                              "leaf for OneShotWarmStart to tune.")

@@ -321,9 +321,6 @@ def finite_difference_step(
     else:
         new_params, vjp_fn, new_state = jax.vjp(update, grads, lam_f,
                                                 has_aux=True)
-    if guard:
-        new_params = tu.select(finite, new_params, params)
-        new_state = tu.select(finite, new_state, opt_state)
 
     def pullback(v):
         u, opt_term = vjp_fn(v)
@@ -334,6 +331,8 @@ def finite_difference_step(
         return tu.add(tu.fill_none(opt_term, hyperparams), mixed)
 
     step = InnerStep(new_params, new_state, loss, finite)
+    if guard:
+        step = guard_inner_step(step, params, opt_state)
     return step, pullback
 
 

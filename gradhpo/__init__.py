@@ -9,9 +9,13 @@ optimizer interface shared by every algorithm.
 from gradhpo.core.base import BilevelOptimizer
 from gradhpo.core.state import BilevelState
 from gradhpo.algorithms.greedy import Greedy
+from gradhpo.algorithms.greedy import GreedyState
 from gradhpo.algorithms.online import HyperDistill
+from gradhpo.algorithms.online import HyperDistillState
 from gradhpo.algorithms.t1_t2 import T1T2
+from gradhpo.algorithms.t1_t2 import T1T2State
 from gradhpo.algorithms.warm_start import OneShotWarmStart
+from gradhpo.algorithms.warm_start import OneShotWarmStartState
 from gradhpo.utils.checkpoint import load_state
 from gradhpo.utils.checkpoint import save_state
 from gradhpo.utils.parallel import init_population
@@ -19,15 +23,19 @@ from gradhpo.utils.parallel import make_mesh
 from gradhpo.utils.parallel import replicate
 from gradhpo.utils.parallel import shard_batch
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BilevelOptimizer",
     "BilevelState",
     "Greedy",
+    "GreedyState",
     "HyperDistill",
+    "HyperDistillState",
     "OneShotWarmStart",
+    "OneShotWarmStartState",
     "T1T2",
+    "T1T2State",
     "init_population",
     "load_state",
     "make_mesh",

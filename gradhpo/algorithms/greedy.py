@@ -16,13 +16,13 @@ terms of the generalized greedy method (ICLR 2025 submission #6297, eq. 6):
 This is reverse-mode differentiation through the horizon with every
 :math:`\partial w_{k}/\partial w_{k-1}` replaced by :math:`\gamma I` and the
 final validation gradient replaced by the current one. The sum is accumulated
-online, :math:`G_t = \gamma G_{t-1} + B_t^\top a_t` (ALGORITHMS.md §4.2), so
+online, :math:`G_t = \gamma G_{t-1} + B_t^\top a_t`, so
 memory is :math:`O(P + H)` whatever :math:`T`, and :math:`\gamma = 0` is
 exactly the T1–T2 term of the last step (no :math:`0^0` appears).
 
 The outer update :math:`u` of the outer optimizer (fed the full
 hypergradient) is then optionally restricted to the ``top_k`` best scoring
-coordinates and projected on a box (ALGORITHMS.md §4.4):
+coordinates and projected on a box:
 
 .. math::
 
@@ -30,7 +30,7 @@ coordinates and projected on a box (ALGORITHMS.md §4.4):
    \qquad m = 1_{S}, \quad S = \operatorname{top-k}(\text{score}).
 """
 
-from typing import Any, Optional, Tuple, Union
+from typing import Any, NamedTuple, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -41,12 +41,25 @@ from jax.flatten_util import ravel_pytree
 
 from gradhpo.core.base import BilevelOptimizer, compiled
 from gradhpo.core.state import BilevelState, float_dtype
-from gradhpo.core.types import DataBatch, InnerOptimizer, LossFn, PyTree
+from gradhpo.utils.types import DataBatch, InnerOptimizer, LossFn, PyTree
 from gradhpo.utils import gradients as gr
 from gradhpo.utils import tree as tu
 from gradhpo.utils import validation as val
 
 SCORES = ("magnitude", "predicted_improvement")
+
+
+class GreedyState(NamedTuple):
+    """:class:`Greedy`'s own state.
+
+    Attributes:
+      selected: with ``top_k``, a pytree of booleans shaped like the
+        hyperparameters: ``True`` where the last outer update actually moved
+        the coordinate (selected, and not held at a bound); all ``False``
+        after a skipped update. ``None`` without ``top_k``.
+    """
+
+    selected: Optional[PyTree] = None
 
 
 class Greedy(BilevelOptimizer):
@@ -74,7 +87,10 @@ class Greedy(BilevelOptimizer):
     ``horizon + 1``), as in T1–T2. ``metadata["train_loss"]`` is
     the mean of the pre-step training losses over the horizon,
     ``metadata["val_loss"]`` is :math:`L_{val}(w_T; V_T)`, and with ``top_k``
-    ``metadata["selected"]`` counts the coordinates moved (0 when skipped).
+    ``metadata["selected"]`` counts the coordinates the outer update
+    actually moved (0 when skipped; a selected coordinate held at its bound
+    does not count) and ``state.algorithm_state.selected``
+    (:class:`GreedyState`) marks them, shaped like the hyperparameters.
 
     Args:
       train_loss: :math:`L_{tr}(w, \lambda; D)` (see
@@ -130,9 +146,8 @@ class Greedy(BilevelOptimizer):
       1
 
     References:
-      Anonymous, `Generalized Greedy Gradient-Based Hyperparameter
-      Optimization <https://openreview.net/forum?id=6297>`_, ICLR 2025
-      submission #6297.
+      Anonymous, *Generalized Greedy Gradient-Based Hyperparameter
+      Optimization*, ICLR 2025 submission #6297 (OpenReview).
 
       Luketina et al, `Scalable Gradient-Based Tuning of Continuous
       Regularization Hyperparameters <https://arxiv.org/abs/1511.06727>`_,
@@ -181,11 +196,21 @@ class Greedy(BilevelOptimizer):
             tu.flat_float_option(self.trainable, hyperparams, True, bool,
                                  "trainable"))
 
-    def init(self, params: PyTree, hyperparams: PyTree) -> BilevelState:
-        state = self._initial_state(
+    state_type = GreedyState
+
+    def init(self, params: PyTree, hyperparams: PyTree, *,
+             key: Optional[jax.Array] = None) -> BilevelState:
+        val.check_key(key)   # Greedy draws no random numbers
+        state = self.initial_state(
             params, hyperparams,
             metadata=(None if self.top_k is None
                       else {"selected": jnp.zeros((), jnp.int32)}))
+        if self.top_k is not None:
+            state = state.replace(algorithm_state=GreedyState(
+                jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), bool),
+                             state.hyperparams)))
+        else:
+            state = state.replace(algorithm_state=GreedyState())
         # (the base checked hyperparams has a floating leaf)
         for i, side in enumerate(self.bounds or ()):
             val.check_option_shapes(side, state.hyperparams, f"bounds[{i}]")
@@ -204,11 +229,16 @@ class Greedy(BilevelOptimizer):
                 f"{self.bounds!r}.")
         return state
 
-    def _check_state(self, state: BilevelState, train_batch: DataBatch,
-                     val_batch: DataBatch) -> None:
-        super()._check_state(state, train_batch, val_batch)
-        if self.top_k is not None:
-            self._require_entries(state, "metadata", ("selected",))
+    def check_state(self, state: BilevelState, train_batch: DataBatch,
+                    val_batch: DataBatch) -> None:
+        super().check_state(state, train_batch, val_batch)
+        if (self.top_k is None) != (state.algorithm_state.selected is None) \
+                or (self.top_k is not None
+                    and "selected" not in state.metadata):
+            raise ValueError(
+                "state was built by a Greedy with"
+                + ("out" if self.top_k is not None else "")
+                + " top_k; build it with this optimizer's init.")
 
     # -- hypergradient ------------------------------------------------------
 
@@ -266,7 +296,7 @@ class Greedy(BilevelOptimizer):
                ) -> Tuple[PyTree, PyTree, jax.Array]:
         """The outer update restricted to the selected coordinates, projected.
 
-        Returns ``(new_hyperparams, new_outer_opt_state, metadata)``.
+        Returns ``(new_hyperparams, new_outer_opt_state, {})``.
         """
         lam = state.hyperparams
         proposed, new_outer = gr.outer_update(
@@ -291,10 +321,7 @@ class Greedy(BilevelOptimizer):
             _, idx = lax.top_k(score, min(self.top_k, flat_lam.size))
             mask = mask & jnp.zeros(flat_lam.shape, bool).at[idx].set(True)
         flat_out = jnp.clip(jnp.where(mask, flat_new, flat_lam), lo, hi)
-        new_lam = tu.combine(unravel(flat_out), lam_rest)
-        meta = ({} if self.top_k is None else
-                {"selected": jnp.sum(mask.astype(jnp.int32))})
-        return new_lam, new_outer, meta
+        return tu.combine(unravel(flat_out), lam_rest), new_outer, {}
 
     @compiled
     def compute_hypergradient(self, state: BilevelState,
@@ -307,6 +334,17 @@ class Greedy(BilevelOptimizer):
              val_batch: DataBatch) -> BilevelState:
         hypergradient, inner, val_loss, skipped = self._hypergradient(
             state, train_batch, val_batch)
-        return self._finish_step(state, inner, hypergradient, val_loss,
-                                 outer=self._outer, inner_skips=skipped,
-                                 inner_guarded=True)
+        new = self.finish_step(state, inner, hypergradient, val_loss,
+                               outer=self._outer, inner_skips=skipped,
+                               inner_guarded=True)
+        if self.top_k is None:
+            return new
+        # what actually moved (a skipped update or a coordinate held at a
+        # bound moves nothing), leaf by leaf
+        moved = jax.tree.map(jnp.not_equal, new.hyperparams,
+                             state.hyperparams)
+        count = sum(jnp.sum(m, dtype=jnp.int32)
+                    for m in jax.tree.leaves(moved))
+        return new.replace(
+            metadata=dict(new.metadata, selected=count),
+            algorithm_state=GreedyState(moved))

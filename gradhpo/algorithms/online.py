@@ -5,7 +5,7 @@ hypergradient :math:`g^{SO}_t = \alpha_t \sum_{i \le t}
 (\prod_{j > i} A_j) B_i` by a single vector-Jacobian product at a distilled
 point :math:`(w^*_t, D^*_t)`, scaled by a fitted size. With the identity
 Hessian approximation :math:`\prod_{j=i+1}^t A_j \approx \gamma^{t-i} I`
-(ALGORITHMS.md §3.3–3.5):
+(Lee et al. 2022, Sections 3.2–3.3):
 
 .. math::
 
@@ -27,7 +27,7 @@ Alg. 4). :math:`\gamma = 0` gives the T1–T2 hypergradient scaled by
 """
 
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +35,7 @@ import optax
 
 from gradhpo.core.base import BilevelOptimizer, compiled
 from gradhpo.core.state import BilevelState, float_dtype
-from gradhpo.core.types import DataBatch, InnerOptimizer, LossFn, PyTree
+from gradhpo.utils.types import DataBatch, InnerOptimizer, LossFn, PyTree
 from gradhpo.utils import gradients as gr
 from gradhpo.utils import tree as tu
 from gradhpo.utils import validation as val
@@ -122,7 +122,8 @@ def _mix_batches(key: jax.Array, p: jax.Array, old: DataBatch,
     Keeps :math:`k = \mathrm{round}(B p)` examples of ``old`` (those whose
     slot in a random permutation of :math:`B` falls below :math:`k`) and
     takes the other :math:`B - k` slots from ``new``, per example along the
-    leading batch axis of every leaf (ALGORITHMS.md §3.8 item 3). A batch
+    leading batch axis of every leaf (so that :math:`D^*` keeps a static
+    shape, which the paper's set union does not need). A batch
     without leaves (``None``) is returned as is.
     """
     if not jax.tree.leaves(new):
@@ -143,6 +144,31 @@ def _vdot(a: PyTree, b: PyTree) -> jax.Array:
                                             jax.tree.leaves(b))
              if tu.is_float_leaf(x)]
     return sum(terms[1:], terms[0]) if terms else jnp.zeros(())
+
+
+_REQUIRED = object()   # marks an argument that has no default
+
+
+class HyperDistillState(NamedTuple):
+    r""":class:`HyperDistill`'s own state.
+
+    Attributes:
+      w_star: the distilled weights :math:`w^*_t`, shaped like the params.
+      d_star: the distilled batch :math:`D^*_t`, shaped like a training
+        batch (allocated at :meth:`HyperDistill.init` from its ``batch``).
+      key: the PRNG key of the subsampling of :math:`D^*`; each step splits
+        it in two, keeps the first and subsamples with the second.
+      episode_step: the number of online steps taken in the current episode
+        (``int32``); the next step uses :math:`t` = that + 1.
+      theta: the size coefficient :math:`\theta` of the linear estimator,
+        refitted by :meth:`HyperDistill.estimate_theta`.
+    """
+
+    w_star: PyTree
+    d_star: PyTree
+    key: jax.Array
+    episode_step: jax.Array
+    theta: jax.Array
 
 
 class HyperDistill(BilevelOptimizer):
@@ -169,17 +195,12 @@ class HyperDistill(BilevelOptimizer):
     along the leading batch axis (a static shape). Batches therefore need a
     leading example axis on every leaf, of the same length every step: a
     ``train_batch`` whose shapes differ from those :math:`D^*` was
-    allocated with raises a :class:`ValueError` (checked on the host once
-    per batch signature); start from a new :meth:`init` to change them.
+    allocated with (at :meth:`init`) raises a :class:`ValueError` (checked
+    once per compilation); start from a new :meth:`init` to change them.
 
-    State: ``state.extra`` holds ``"w_star"`` (:math:`w^*`, like the
-    params), ``"d_star"`` (:math:`D^*`, like a batch), ``"key"`` (the PRNG
-    key of the subsampling; each step splits it in two, stores the first
-    key and subsamples with the second) and ``"episode_step"`` (the number
-    of online steps taken in the current episode, an ``int32``; the next
-    step uses :math:`t` = that + 1).
-    :math:`\theta` lives only in ``state.metadata["theta"]`` (one copy, so
-    nothing can go out of sync); :meth:`estimate_theta` refits it.
+    State: ``state.algorithm_state`` is a :class:`HyperDistillState`
+    (:math:`w^*`, :math:`D^*`, the PRNG key, the episode step and
+    :math:`\theta`); :meth:`estimate_theta` refits :math:`\theta`.
 
     Episodes (Alg. 3, Reptile-style meta-learning): call
     :meth:`estimate_theta` every few episodes, then :meth:`reset_episode`
@@ -205,8 +226,9 @@ class HyperDistill(BilevelOptimizer):
       theta: the initial size coefficient :math:`\theta` of the linear
         estimator :math:`\pi^*_t \approx \theta \lVert v_t\rVert S_t`;
         :math:`\theta = 1, \gamma = 0` is exactly T1–T2.
-      seed: seed of the PRNG key used to subsample :math:`D^*`, an int in
-        :math:`[0, 2^{32} - 1]`.
+
+    The PRNG key that subsamples :math:`D^*` comes in through
+    ``init(..., key=...)``.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -217,7 +239,7 @@ class HyperDistill(BilevelOptimizer):
       ...     return 0.5 * jnp.sum((w - 0.5) ** 2)
       >>> opt = gh.HyperDistill(train_loss, val_loss, optax.sgd(0.1),
       ...                       optax.sgd(0.0), gamma=0.9)
-      >>> state = opt.init(jnp.zeros(2), jnp.array([1.0, 2.0]))
+      >>> state = opt.init(jnp.zeros(2), jnp.array([1.0, 2.0]), batch=None)
       >>> for _ in range(2):
       ...     state = opt.step(state, None, None)
       >>> h = opt.compute_hypergradient(state, None, None)   # t = 3
@@ -232,77 +254,77 @@ class HyperDistill(BilevelOptimizer):
     def __init__(self, train_loss: LossFn, val_loss: LossFn,
                  inner_optimizer: InnerOptimizer,
                  outer_optimizer: optax.GradientTransformation, *,
-                 gamma: float = 0.99, theta: float = 1.0,
-                 seed: int = 0) -> None:
+                 gamma: float = 0.99, theta: float = 1.0) -> None:
         super().__init__(train_loss, val_loss, inner_optimizer,
                          outer_optimizer)
         self.gamma = val.check_real(gamma, "gamma", low=0.0, high=1.0)
         self.theta = val.check_real(theta, "theta")
-        self.seed = val.check_seed(seed)
 
-    def init(self, params: PyTree, hyperparams: PyTree,
-             batch: Optional[DataBatch] = None) -> BilevelState:
+    state_type = HyperDistillState
+
+    def init(self, params: PyTree, hyperparams: PyTree, *,
+             batch: DataBatch = _REQUIRED,
+             key: Optional[jax.Array] = None) -> BilevelState:
         r"""Creates the initial state (episode step 0, :math:`w^* = w_0`).
 
         Args:
           params: :math:`w_0`.
           hyperparams: :math:`\lambda_0`.
-          batch: an example training batch, used only for its shapes and
-            dtypes: :math:`D^*` is allocated as zeros shaped like it, so the
-            state's tree never changes. Without it, the first :meth:`step`
-            adds :math:`D^*` to the state; the first two calls then trace
-            twice (once without, once with :math:`D^*`), and the state cannot
-            be carried through :func:`jax.lax.scan` from ``init``. Pass a
-            batch whenever you can.
+          batch: a training batch, used only for its shapes and dtypes:
+            :math:`D^*` is allocated as zeros shaped like it, so the state's
+            tree never changes (and it can start a :func:`jax.lax.scan`
+            over :meth:`step`). Required; pass ``batch=None`` when the
+            losses take no data.
+          key: the PRNG key of the subsampling of :math:`D^*` (default
+            ``jax.random.PRNGKey(0)``).
 
         Returns:
-          The state; ``metadata["theta"]`` is the constructor's ``theta``.
+          The state; ``algorithm_state.theta`` is the constructor's
+          ``theta``.
+
+        Raises:
+          TypeError: if ``batch`` is not given.
         """
-        state = self._initial_state(
-            params, hyperparams,
-            metadata={"theta": jnp.asarray(self.theta, float_dtype())})
-        extra = {"w_star": jax.tree.map(jnp.copy, state.params),
-                 "key": jax.random.PRNGKey(self.seed),
-                 "episode_step": jnp.zeros((), jnp.int32)}
-        if batch is not None:
-            if jax.tree.leaves(batch):
-                tu.first_axis_length(batch, "batch")
-            batch = tu.as_strong_arrays(batch)
-            self._check_loss("train_loss", self.train_loss, state.params,
-                             state.hyperparams, batch)
-            extra["d_star"] = tu.zeros_like(batch)
-        return state.replace(extra=extra)
+        if batch is _REQUIRED:
+            raise TypeError(
+                "HyperDistill.init needs batch=: a training batch (e.g. "
+                "the first one), whose shapes allocate the distilled batch "
+                "D*; pass batch=None when the losses take no data.")
+        key = val.check_key(key)
+        state = self.initial_state(params, hyperparams)
+        if jax.tree.leaves(batch):
+            tu.first_axis_length(batch, "batch")
+        batch = tu.as_strong_arrays(batch)
+        self._check_loss("train_loss", self.train_loss, state.params,
+                         state.hyperparams, batch)
+        return state.replace(algorithm_state=HyperDistillState(
+            w_star=jax.tree.map(jnp.copy, state.params),
+            d_star=tu.zeros_like(batch), key=key,
+            episode_step=jnp.zeros((), jnp.int32),
+            theta=jnp.asarray(self.theta, float_dtype())))
 
-    def _batch_template(self, state: BilevelState) -> PyTree:
-        return state.extra.get("d_star")
-
-    def _check_state(self, state: BilevelState, train_batch: DataBatch,
-                     val_batch: DataBatch) -> None:
-        super()._check_state(state, train_batch, val_batch)
-        self._require_entries(state, "metadata", ("theta",))
-        self._require_entries(state, "extra",
-                              ("w_star", "key", "episode_step"))
+    def check_state(self, state: BilevelState, train_batch: DataBatch,
+                    val_batch: DataBatch) -> None:
+        super().check_state(state, train_batch, val_batch)
         if jax.tree.leaves(train_batch):
             tu.first_axis_length(train_batch, "train_batch")
-        if "d_star" in state.extra:
-            # D* has the shape of the batch it was allocated from; a batch of
-            # another shape cannot be mixed into it
-            val.check_batch_like(train_batch, state.extra["d_star"],
-                                 "train_batch", 'state.extra["d_star"]')
+        # D* has the shape of the batch it was allocated from; a batch of
+        # another shape cannot be mixed into it
+        val.check_batch_like(train_batch, state.algorithm_state.d_star,
+                             "train_batch", "state.algorithm_state.d_star")
 
     def _online(self, state: BilevelState, train_batch: DataBatch,
                 val_batch: DataBatch
-                ) -> Tuple[PyTree, gr.InnerStep, jax.Array, Dict[str, Any]]:
-        extra = state.extra
-        t = extra["episode_step"] + 1           # 1-based (§3.9 pitfall 1)
+                ) -> Tuple[PyTree, gr.InnerStep, jax.Array, HyperDistillState]:
+        own = state.algorithm_state
+        t = own.episode_step + 1           # 1-based: S_1 = 1, w*_1 = w_0
         p, q = distill_coefficients(self.gamma, t)
-        key, sub = jax.random.split(extra["key"])
-        d_old = extra.get("d_star", tu.zeros_like(train_batch))
+        key, sub = jax.random.split(own.key)
         # w*_t and D*_t are built from w_{t-1} and D_t (before the step).
-        w_star = _average(p, q, extra["w_star"], state.params)
-        d_star = _mix_batches(sub, p, d_old, train_batch)
+        w_star = _average(p, q, own.w_star, state.params)
+        d_star = _mix_batches(sub, p, own.d_star, train_batch)
         # guarded inside the update (one pass): a non-finite gradient keeps
-        # (w, s), and _finish_step then skips the outer update as well
+        # (w, s), and finish_step then skips the outer update as well
         inner = gr.inner_step(self.train_loss, self.inner_optimizer,
                               state.params, state.inner_opt_state,
                               state.hyperparams, train_batch, guard=True)
@@ -310,18 +332,19 @@ class HyperDistill(BilevelOptimizer):
         # below reads the selected (w*, D*) too, so only one version of
         # them is materialised (when the step is skipped, so is the
         # hypergradient it feeds)
-        old = {"w_star": extra["w_star"], "d_star": d_old,
-               "episode_step": extra["episode_step"]}
-        new = {"w_star": w_star, "d_star": d_star, "episode_step": t}
-        new_extra = dict(tu.select(inner.finite, new, old), key=key)
+        w_star, d_star, t_kept = tu.select(
+            inner.finite, (w_star, d_star, t),
+            (own.w_star, own.d_star, own.episode_step))
+        new_own = own._replace(w_star=w_star, d_star=d_star, key=key,
+                               episode_step=t_kept)
         val_loss, alpha, direct = gr.value_and_grads(
             self.val_loss, inner.params, state.hyperparams, val_batch)
         _, pullback = gr.inner_step_vjp(
-            self.train_loss, self.inner_optimizer, new_extra["w_star"],
-            state.inner_opt_state, state.hyperparams, new_extra["d_star"])
-        scale = state.metadata["theta"] * geometric_sum(self.gamma, t)
+            self.train_loss, self.inner_optimizer, w_star,
+            state.inner_opt_state, state.hyperparams, d_star)
+        scale = own.theta * geometric_sum(self.gamma, t)
         hypergradient = tu.axpy(scale, pullback(alpha), direct)
-        return hypergradient, inner, val_loss, new_extra
+        return hypergradient, inner, val_loss, new_own
 
     @compiled
     def compute_hypergradient(self, state: BilevelState,
@@ -332,10 +355,10 @@ class HyperDistill(BilevelOptimizer):
     @compiled
     def step(self, state: BilevelState, train_batch: DataBatch,
              val_batch: DataBatch) -> BilevelState:
-        hypergradient, inner, val_loss, extra = self._online(
+        hypergradient, inner, val_loss, own = self._online(
             state, train_batch, val_batch)
-        return self._finish_step(state, inner, hypergradient, val_loss,
-                                 extra=extra, inner_guarded=True)
+        return self.finish_step(state, inner, hypergradient, val_loss,
+                                algorithm_state=own, inner_guarded=True)
 
     # not (state, train_batch, val_batch): no batch checks
     @compiled(check_batches=False)
@@ -360,12 +383,11 @@ class HyperDistill(BilevelOptimizer):
         """
         params = jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype),
                               params, state.params)
-        extra = dict(state.extra, w_star=params,
-                     episode_step=jnp.zeros((), jnp.int32))
-        if "d_star" in extra:
-            extra["d_star"] = tu.zeros_like(extra["d_star"])
+        own = state.algorithm_state._replace(
+            w_star=params, d_star=tu.zeros_like(state.algorithm_state.d_star),
+            episode_step=jnp.zeros((), jnp.int32))
         return state.replace(
-            params=params, extra=extra,
+            params=params, algorithm_state=own,
             inner_opt_state=gr.init_inner_state(
                 self.inner_optimizer, params, state.hyperparams))
 
@@ -397,7 +419,7 @@ class HyperDistill(BilevelOptimizer):
                   {\sum_s S_s^2 \lVert v_s\rVert^2}.
 
         The right-hand form is used, so a zero :math:`v_s` adds nothing
-        instead of 0/0. Design choices (ALGORITHMS.md §3.8): :math:`w^*_s`
+        instead of 0/0. Design choices: :math:`w^*_s`
         averages the interpolated :math:`\hat w_{T-s}`, not the true
         trajectory, so memory stays constant in :math:`T`; every VJP holds
         the optimizer state at :math:`s_T` (the state after the forward
@@ -418,7 +440,8 @@ class HyperDistill(BilevelOptimizer):
           val_batch: the validation batch of :math:`\alpha_T`.
 
         Returns:
-          ``state`` with ``metadata["theta"]`` refitted and a new PRNG key;
+          ``state`` with ``algorithm_state.theta`` refitted and a new PRNG
+          key;
           params, hyperparameters and the episode are unchanged.
         """
         lam = state.hyperparams
@@ -432,7 +455,7 @@ class HyperDistill(BilevelOptimizer):
             forward, (state.params, state.inner_opt_state), train_batches)
         _, alpha, _ = gr.value_and_grads(self.val_loss, w_end, lam,
                                          val_batch)
-        keys = jax.random.split(state.extra["key"], horizon + 1)
+        keys = jax.random.split(state.algorithm_state.key, horizon + 1)
 
         def backward(carry, xs):
             a, g_so, w_star, d_star, xy, xx = carry
@@ -462,12 +485,14 @@ class HyperDistill(BilevelOptimizer):
         (*_, xy, xx), _ = jax.lax.scan(
             backward, carry,
             (reverse, jnp.arange(1, horizon + 1, dtype=jnp.int32), keys[1:]))
-        old = state.metadata["theta"]
+        old = state.algorithm_state.theta
         fit = xy / jnp.where(xx > 0, xx, 1.0)
         ok = jnp.isfinite(fit) & (xx > 0)
         meta = dict(state.metadata)
-        meta["theta"] = jnp.where(ok, fit, old).astype(old.dtype)
         meta["nonfinite_count"] = (state.metadata["nonfinite_count"]
                                    + jnp.logical_not(ok).astype(jnp.int32))
         return state.replace(metadata=meta,
-                             extra=dict(state.extra, key=keys[0]))
+                             algorithm_state=state.algorithm_state._replace(
+                                 theta=jnp.where(ok, fit, old).astype(
+                                     old.dtype),
+                                 key=keys[0]))

@@ -21,18 +21,24 @@ variant (Liu et al. 2019) replaces :math:`M_t^\top v` by a central finite
 difference of :math:`\nabla_\lambda L_{tr}` around :math:`w_t`.
 """
 
-from typing import Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import jax
 import optax
 
 from gradhpo.core.base import BilevelOptimizer, compiled
 from gradhpo.core.state import BilevelState
-from gradhpo.core.types import DataBatch, InnerOptimizer, LossFn, PyTree
+from gradhpo.utils.types import DataBatch, InnerOptimizer, LossFn, PyTree
 from gradhpo.utils import gradients as gr
 from gradhpo.utils import validation as val
 
 HYPERGRADIENT_MODES = ("exact", "finite_difference")
+
+
+class T1T2State(NamedTuple):
+    """:class:`T1T2`'s own state: none (one-step hypergradients carry
+    nothing from step to step). An empty record, so that every algorithm's
+    state has a type of its own."""
 
 
 class T1T2(BilevelOptimizer):
@@ -122,8 +128,12 @@ class T1T2(BilevelOptimizer):
         self.fd_radius = val.check_real(fd_radius, "fd_radius", low=0.0,
                                         low_open=True)
 
-    def init(self, params: PyTree, hyperparams: PyTree) -> BilevelState:
-        return self._initial_state(params, hyperparams)
+    state_type = T1T2State
+
+    def init(self, params: PyTree, hyperparams: PyTree, *,
+             key: Optional[jax.Array] = None) -> BilevelState:
+        val.check_key(key)   # T1-T2 draws no random numbers
+        return self.initial_state(params, hyperparams, T1T2State())
 
     def _hypergradient(self, state: BilevelState, train_batch: DataBatch,
                        val_batch: DataBatch
@@ -154,5 +164,5 @@ class T1T2(BilevelOptimizer):
              val_batch: DataBatch) -> BilevelState:
         hypergradient, inner, val_loss = self._hypergradient(
             state, train_batch, val_batch)
-        return self._finish_step(state, inner, hypergradient, val_loss,
-                                 inner_guarded=True)
+        return self.finish_step(state, inner, hypergradient, val_loss,
+                                inner_guarded=True)

@@ -5,8 +5,9 @@ configuration :math:`\psi`, nudge it once along a hypergradient and train the
 nudged :math:`\psi'` instead. Read literally ("take
 :math:`\partial L_{tr}/\partial\psi` on one mini-batch") the rule gives zero
 for the learning rate and momentum and "shrink every regulariser" for the
-rest (ALGORITHMS.md §5.1), so gradhpo differentiates a :math:`K`-step
-lookahead evaluated on held-out data (§5.2):
+rest (at :math:`w_0` the training loss does not depend on the learning rate
+yet, and a regulariser only adds to it), so gradhpo differentiates a
+:math:`K`-step lookahead evaluated on held-out data:
 
 .. math::
 
@@ -20,7 +21,7 @@ repeated ``num_steps`` times from the same :math:`(w_0, s_0)` and batches.
 :math:`K \ge 2` is needed for momentum, whose buffer is zero at step 1.
 """
 
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -29,14 +30,35 @@ import optax
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
-from gradhpo.core.base import BilevelOptimizer, _signature, compiled
+from gradhpo.core.base import BilevelOptimizer, compiled
 from gradhpo.core.state import BilevelState, float_dtype
-from gradhpo.core.types import DataBatch, InnerOptimizer, LossFn, PyTree
+from gradhpo.utils.types import DataBatch, InnerOptimizer, LossFn, PyTree
 from gradhpo.utils import gradients as gr
 from gradhpo.utils import tree as tu
 from gradhpo.utils import validation as val
 
 DIRECTIONS = ("hypergradient", "random")
+
+
+class OneShotWarmStartState(NamedTuple):
+    r""":class:`OneShotWarmStart`'s own state, written by each
+    :meth:`~OneShotWarmStart.step`.
+
+    Attributes:
+      key: the PRNG key of the random direction (``direction="random"``);
+        each call splits it and keeps the first half. Carried, unused,
+        with ``direction="hypergradient"``.
+      hypergradient: :math:`g_0 = \nabla_\psi J(\psi_0)` at the
+        hyperparameters on entry of the last call, a pytree shaped like the
+        hyperparameters (zeros for integer leaves; NaN before the first
+        call).
+      delta: :math:`\psi_N - \psi_0`, the change the last call applied,
+        shaped like the hyperparameters.
+    """
+
+    key: jax.Array
+    hypergradient: PyTree
+    delta: PyTree
 
 
 class OneShotWarmStart(BilevelOptimizer):
@@ -61,7 +83,8 @@ class OneShotWarmStart(BilevelOptimizer):
     hyper-step. ``direction="random"`` is the paper's control: :math:`\Delta_j`
     is replaced by :math:`\lVert\Delta_j\rVert\, d_j/\lVert d_j\rVert`, with
     :math:`d_j` standard normal over the floating hyperparameters (a fresh
-    key per hyper-step, split from ``state.extra["key"]``, which advances
+    key per hyper-step, split from ``state.algorithm_state.key``, which
+    advances
     every call), so each random step has exactly the length the hypergradient
     step would have had at the same :math:`\psi_j` (an outer optimizer's
     state then advances exactly as along the hypergradient). A non-finite
@@ -69,17 +92,16 @@ class OneShotWarmStart(BilevelOptimizer):
     in the lookahead) skips that hyper-step (:math:`\psi` and the outer
     state unchanged) and increments ``metadata["nonfinite_count"]``.
 
-    Metadata after :meth:`step` (all at :math:`\psi_0`, the hyperparameters
-    on entry, unless stated): ``val_loss`` :math:`= J(\psi_0)`;
-    ``train_loss``, the mean training loss over the :math:`K` lookahead
-    steps; ``hypergradient``, :math:`g_0 = \nabla_\psi J(\psi_0)` as a flat
-    vector over the floating hyperparameter leaves in ``jax.tree.leaves``
-    order (``jax.flatten_util.ravel_pytree`` order; also for the random
-    direction); ``hypergradient_norm`` :math:`= \lVert g_0\rVert`;
-    ``delta`` :math:`= \psi_N - \psi_0`, flat likewise; ``delta_norm``; and
+    After :meth:`step` (all at :math:`\psi_0`, the hyperparameters on
+    entry, unless stated), ``state.metadata`` holds ``val_loss``
+    :math:`= J(\psi_0)`; ``train_loss``, the mean training loss over the
+    :math:`K` lookahead steps; ``hypergradient_norm`` :math:`= \lVert
+    g_0\rVert`; ``delta_norm`` :math:`= \lVert\psi_N - \psi_0\rVert`; and
     ``clipped``, whether the projection changed any coordinate of an
-    applied hyper-step of this call. :meth:`compute_hypergradient` returns
-    :math:`g_0` as a pytree shaped like the hyperparameters.
+    applied hyper-step of this call. ``state.algorithm_state``
+    (:class:`OneShotWarmStartState`) holds :math:`g_0` and
+    :math:`\psi_N - \psi_0` as pytrees shaped like the hyperparameters.
+    :meth:`compute_hypergradient` returns :math:`g_0`.
 
     Args:
       train_loss: :math:`L_{tr}(w, \psi; B)` (see
@@ -105,8 +127,6 @@ class OneShotWarmStart(BilevelOptimizer):
         batch :math:`V`, without a leading axis.
       direction: ``"hypergradient"`` or ``"random"`` (the same-length random
         control).
-      seed: an int in :math:`[0, 2^{32} - 1]`, the seed of the random
-        direction's key.
       bounds: ``None`` or ``(lower, upper)``, each a scalar, ``None``
         (unbounded) or a pytree shaped like the hyperparameters (``None``
         leaves unbounded). :math:`\psi` is clipped after every hyper-step.
@@ -133,13 +153,12 @@ class OneShotWarmStart(BilevelOptimizer):
       >>> new = opt.step(state, batch, batch)
       >>> print(f"{new.metadata['val_loss']:.5f}")  # J = (0.89 ** 2) / 2
       0.39605
-      >>> bool(new.metadata["delta"][0] > 0)  # flat: (log_lr, log_wd)
+      >>> bool(new.algorithm_state.delta["log_lr"] > 0)
       True
 
     References:
       Anonymous, *One-Shot Hyper-Gradient Warm-Starts for Bandit-Style
-      Hyperparameter Optimisation* (no public code; summarised in the
-      project's DESIGN.md §4).
+      Hyperparameter Optimisation* (no public code).
 
       Luketina et al, `Scalable Gradient-Based Tuning of Continuous
       Regularization Hyperparameters <https://arxiv.org/abs/1511.06727>`_,
@@ -154,7 +173,6 @@ class OneShotWarmStart(BilevelOptimizer):
                  outer_optimizer: Optional[optax.GradientTransformation]
                  = None, *, step_size: float = 1e-3, num_steps: int = 1,
                  lookahead: int = 1, direction: str = "hypergradient",
-                 seed: int = 0,
                  bounds: Optional[Tuple[Any, Any]] = None) -> None:
         super().__init__(train_loss, val_loss, inner_optimizer,
                          outer_optimizer, allow_no_outer=True)
@@ -164,9 +182,7 @@ class OneShotWarmStart(BilevelOptimizer):
         self.lookahead = val.check_int(lookahead, "lookahead", minimum=1)
         val.check_choice(direction, "direction", DIRECTIONS)
         self.direction = direction
-        self.seed = val.check_seed(seed)
         self.bounds = val.check_bounds(bounds)
-        self._bounds_checked: set = set()  # tree signatures (a cache)
         # the base class checks the leading lookahead axis of train_batch
         self._train_steps = self.lookahead if self.lookahead > 1 else None
 
@@ -180,45 +196,42 @@ class OneShotWarmStart(BilevelOptimizer):
                 tu.flat_float_option(upper, hyperparams, jnp.inf, dtype,
                                      "bounds[1]"))
 
-    def init(self, params: PyTree, hyperparams: PyTree) -> BilevelState:
-        state = self._initial_state(params, hyperparams)
-        flat = ravel_pytree(tu.partition_float(state.hyperparams)[0])[0]
-        if flat.size == 0:
-            raise ValueError("hyperparams must contain at least one floating "
-                             "leaf for OneShotWarmStart to tune.")
-        self._check_bounds(state.hyperparams, flat.dtype)
-        meta = dict(state.metadata)
-        meta.update(
-            hypergradient=jnp.full(flat.shape, jnp.nan, flat.dtype),
-            delta=jnp.zeros(flat.shape, flat.dtype),
-            delta_norm=jnp.zeros((), float_dtype()),
-            clipped=jnp.zeros((), bool))
-        extra = ({"key": jax.random.PRNGKey(self.seed)}
-                 if self.direction == "random" else {})
-        return state.replace(metadata=meta, extra=extra)
+    state_type = OneShotWarmStartState
 
-    def _check_bounds(self, hyperparams: PyTree, dtype: Any) -> None:
+    def init(self, params: PyTree, hyperparams: PyTree, *,
+             key: Optional[jax.Array] = None) -> BilevelState:
+        key = val.check_key(key)
+        state = self.initial_state(
+            params, hyperparams,
+            metadata={"delta_norm": jnp.zeros((), float_dtype()),
+                      "clipped": jnp.zeros((), bool)})
+        lam_f = tu.partition_float(state.hyperparams)[0]
+        self._check_bounds(state.hyperparams)
+        nan = tu.fill_none(
+            jax.tree.map(lambda x: jnp.full(x.shape, jnp.nan, x.dtype),
+                         lam_f), state.hyperparams)
+        return state.replace(algorithm_state=OneShotWarmStartState(
+            key=key, hypergradient=nan,
+            delta=tu.zeros_like(state.hyperparams)))
+
+    def _check_bounds(self, hyperparams: PyTree) -> None:
         """Checks ``bounds`` against the hyperparameters' tree, once per
-        tree signature: the Optuna helper calls ``init`` for every trial,
-        and the check ends in a device-to-host transfer."""
-        key = _signature(hyperparams)
-        if self.bounds is None or key in self._bounds_checked:
+        tree signature and configuration: the Optuna helper calls ``init``
+        for every trial, and the check ends in a device-to-host transfer."""
+        if self.bounds is None:
+            return
+        key = ("bounds", tu.tree_signature(hyperparams))
+        cache = self.host_cache()
+        if key in cache:
             return
         for i, side in enumerate(self.bounds):
             val.check_option_shapes(side, hyperparams, f"bounds[{i}]")
-        lo, hi = self._flat_bounds(hyperparams, dtype)
+        flat = ravel_pytree(tu.partition_float(hyperparams)[0])[0]
+        lo, hi = self._flat_bounds(hyperparams, flat.dtype)
         if not np.all(np.asarray(lo <= hi)):
             raise ValueError("bounds must satisfy lower <= upper on every "
                              f"entry, got {self.bounds!r}.")
-        self._bounds_checked.add(key)
-
-    def _check_state(self, state: BilevelState, train_batch: DataBatch,
-                     val_batch: DataBatch) -> None:
-        super()._check_state(state, train_batch, val_batch)
-        self._require_entries(state, "metadata", (
-            "hypergradient", "delta", "delta_norm", "clipped"))
-        if self.direction == "random":
-            self._require_entries(state, "extra", ("key",))
+        cache.add(key)
 
     # -- the lookahead objective J(psi) and its gradient ---------------------
 
@@ -286,10 +299,6 @@ class OneShotWarmStart(BilevelOptimizer):
              val_batch: DataBatch) -> BilevelState:
         grad_fn, lam0, rest = self._value_and_grad(
             state, train_batch, val_batch)
-        if self.direction == "random" and "key" not in state.extra:
-            raise ValueError(
-                'direction="random" needs state.extra["key"]; build the '
-                "state with this optimizer's init.")
         if self.bounds is not None:
             flat0, unravel = ravel_pytree(lam0)
             lo, hi = (unravel(b) for b in self._flat_bounds(
@@ -320,7 +329,7 @@ class OneShotWarmStart(BilevelOptimizer):
                      bad + jnp.logical_not(ok).astype(jnp.int32), clipped)
             return carry, (g, g_sq, j, train_loss)
 
-        carry = (lam0, state.outer_opt_state, state.extra.get("key"),
+        carry = (lam0, state.outer_opt_state, state.algorithm_state.key,
                  jnp.zeros((), jnp.int32), jnp.zeros((), bool))
         if self.num_steps == 1:   # the usual case: no loop at all
             carry, (g0, g0_sq, j0, tl0) = hyper_step(carry, None)
@@ -330,21 +339,20 @@ class OneShotWarmStart(BilevelOptimizer):
             g0, g0_sq, j0, tl0 = jax.tree.map(lambda x: x[0], outs)
         lam, outer, key, bad, clipped = carry
         delta = jax.tree.map(jnp.subtract, lam, lam0)
-        flat_delta = ravel_pytree(delta)[0]
         meta = dict(state.metadata)
         meta.update(
             train_loss=tl0, val_loss=j0,
-            hypergradient=ravel_pytree(g0)[0],
             hypergradient_norm=jnp.sqrt(g0_sq),
-            delta=flat_delta, delta_norm=jnp.linalg.norm(flat_delta),
+            delta_norm=jnp.sqrt(tu.sum_squares(delta)),
             clipped=clipped,
             nonfinite_count=state.metadata["nonfinite_count"] + bad)
         # dtypes fixed at init, so a jitted step never retraces
         meta = {k: jnp.asarray(v).astype(jnp.result_type(state.metadata[k]))
                 for k, v in meta.items()}
-        extra = dict(state.extra)
-        if key is not None:
-            extra["key"] = key
+        like = state.hyperparams
+        own = OneShotWarmStartState(
+            key=key, hypergradient=tu.fill_none(g0, like),
+            delta=tu.fill_none(delta, like))
         return state.replace(
             hyperparams=tu.combine(lam, rest), outer_opt_state=outer,
-            step=state.step + 1, metadata=meta, extra=extra)
+            step=state.step + 1, metadata=meta, algorithm_state=own)

@@ -14,63 +14,196 @@ approximated.
 """
 
 import abc
+import copy
 import functools
+import inspect
+import numbers
+import weakref
 from typing import Any, Callable, Dict, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from gradhpo.core.state import BilevelState, initial_metadata, float_dtype
-from gradhpo.core.types import DataBatch, InnerOptimizer, LossFn, PyTree
 from gradhpo.utils import gradients as gr
 from gradhpo.utils import tree as tu
 from gradhpo.utils import validation as val
+from gradhpo.utils.types import DataBatch, InnerOptimizer, LossFn, PyTree
+
+
+# -- configuration as a value ------------------------------------------------
+
+class _Identity:
+    """Wraps an unhashable option so it compares by identity."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, _Identity) and other.value is self.value
+
+    def __hash__(self) -> int:
+        return id(self.value)
+
+
+def _freeze(value: Any) -> Any:
+    """A hashable stand-in for an option, equal for equal options.
+
+    Numbers, strings and ``None`` stand for themselves; containers and
+    arrays (bounds, trainable masks) are compared by content; functions and
+    optax transformations by the objects themselves (so two optax
+    transformations built by two calls of ``optax.sgd(0.1)`` differ: their
+    ``init``/``update`` are distinct closures); anything unhashable by
+    identity.
+    """
+    if value is None or isinstance(value, (str, bool, numbers.Number)):
+        return (type(value).__name__, value)
+    if isinstance(value, dict):
+        return ("dict",) + tuple(sorted(
+            ((repr(k), _freeze(v)) for k, v in value.items()),
+            key=lambda kv: kv[0]))
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return (type(value).__name__,) + tuple(_freeze(v) for v in value)
+    if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+        arr = np.asarray(value)
+        return ("array", arr.dtype.str, arr.shape, arr.tobytes())
+    try:
+        hash(value)
+    except TypeError:
+        return _Identity(value)
+    return value
+
+
+class _Compiled:
+    """The compiled methods of one optimizer configuration.
+
+    It holds ``config``, a shallow copy of the first optimizer built with
+    this configuration (not the optimizer itself: the copy does not point
+    back here, so no reference cycle keeps anything alive), the jitted
+    methods, and small host-side caches. Optimizers hold it; the registry
+    below holds it only weakly, so it is freed with the last optimizer
+    that uses it, together with everything the losses close over.
+    """
+
+    def __init__(self, config: "BilevelOptimizer") -> None:
+        self.config = config
+        self.functions: Dict[str, Callable] = {}
+        #: host-side checks already done, keyed by the caller (e.g. the
+        #: warm start's bounds check per hyperparameter tree signature)
+        self.checked: set = set()
+
+    def function(self, method: Callable, check: bool) -> Callable:
+        fn = self.functions.get(method.__name__)
+        if fn is None:
+            fn = jax.jit(functools.partial(
+                _run_checked, self.config, method, check))
+            self.functions[method.__name__] = fn
+        return fn
+
+
+#: configuration key -> _Compiled, shared by equal optimizers (weak values)
+_REGISTRY: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+
+
+def _run_checked(config: "BilevelOptimizer", method: Callable, check: bool,
+                 *args: Any) -> Any:
+    """The traced body of a compiled method: the host-side checks (on
+    shapes and dtypes, at trace time: once per compilation), then the
+    method."""
+    if check:
+        config._check_call(*args[:3])
+    else:
+        config._check_state_type(args[0])
+    return method(config, *args)
+
+
+class _OptimizerMeta(abc.ABCMeta):
+    """Freezes an optimizer once its (whole) constructor has run, and
+    attaches the compiled code of its configuration."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        obj = super().__call__(*args, **kwargs)
+        key = obj._config_key()
+        object.__setattr__(obj, "_key", key)
+        bundle = _REGISTRY.get(key)
+        if bundle is None:
+            bundle = _Compiled(copy.copy(obj))
+            _REGISTRY[key] = bundle
+        object.__setattr__(obj, "_compiled", bundle)
+        object.__setattr__(obj, "_frozen", True)
+        return obj
 
 
 def compiled(method: Optional[Callable] = None, *,
              check_batches: bool = True) -> Callable:
     """Compiles a pure method with :func:`jax.jit`, the optimizer static.
 
-    The optimizer object holds only configuration (losses, optax
-    transformations, options) and is hashed by identity, so each optimizer
-    compiles a method once per input shape; the state's step counter is an
-    array, so stepping in a Python loop never retraces. The wrapper is a
-    plain function (documented like the method it wraps), so it can itself be
-    wrapped in :func:`jax.jit` or :func:`jax.vmap` by the user.
+    Use ``@compiled`` on the methods of a :class:`BilevelOptimizer`
+    subclass that take a :class:`~gradhpo.BilevelState` first (and, with
+    ``check_batches``, the ``(state, train_batch, val_batch)`` of
+    :meth:`~BilevelOptimizer.step`).
 
-    With ``check_batches`` (for methods called as ``(state, train_batch,
-    val_batch)``), the first call with each new batch signature (tree,
-    shapes, dtypes) checks the arguments on the host — the state's type, the
-    leading step axis, and that both losses return scalars (by
-    :func:`jax.eval_shape`, which traces but does not run them); later calls
-    with the same signature skip the check, so stepping stays compile-once.
-    Use ``@compiled`` or ``@compiled(check_batches=False)``.
+    * The compiled function belongs to the optimizer's *configuration*, not
+      to the object: optimizers built from the same loss functions, optax
+      transformations and options (compared as values; functions and optax
+      transformations by identity) share it, and it is freed with the last
+      of them (nothing is kept alive by a cache).
+    * The host-side checks (the state's type and algorithm, the leading
+      step axis of the batches, both losses returning floating scalars)
+      run while the method is traced, that is once per compilation; a
+      repeated call costs one jitted dispatch.
+    * Arguments may be passed by position or by keyword.
+
+    The wrapper is a plain function, so it can itself be wrapped in
+    :func:`jax.jit`, :func:`jax.vmap` or :func:`jax.lax.scan`.
     """
     if method is None:
         return functools.partial(compiled, check_batches=check_batches)
-    jitted = jax.jit(method, static_argnums=0)
+    signature = inspect.signature(method)
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        if check_batches:
-            self._check_call(*args[:3])
-        return jitted(self, *args, **kwargs)
-    wrapper.__wrapped_jit__ = jitted
+        if kwargs:
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            args = tuple(bound.arguments.values())[1:]
+        if not args or not isinstance(args[0], BilevelState):
+            got = type(args[0]).__name__ if args else "nothing"
+            raise TypeError(
+                f"{type(self).__name__}.{method.__name__} takes a "
+                f"gradhpo.BilevelState first (from {type(self).__name__}"
+                f".init), got {got}.")
+        bundle = self.__dict__.get("_compiled")
+        if bundle is None:
+            # the configuration copy, called from inside a trace
+            return method(self, *args)
+        return bundle.function(method, check_batches)(*args)
     return wrapper
 
 
-def _signature(tree: PyTree) -> Any:
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
-
-
-class BilevelOptimizer(abc.ABC):
+class BilevelOptimizer(abc.ABC, metaclass=_OptimizerMeta):
     r"""Abstract base of every gradhpo algorithm.
 
     Subclasses are final: they implement :meth:`init`, :meth:`step` and
     :meth:`compute_hypergradient` and nothing else; shared machinery lives in
-    :mod:`gradhpo.utils`.
+    :mod:`gradhpo.utils` and in the public hooks :meth:`initial_state`,
+    :meth:`finish_step` and :meth:`check_state` (see *Adding an algorithm*
+    in the documentation).
+
+    An optimizer is an immutable value, like an optax transformation: its
+    attributes are its configuration, and setting one after construction
+    raises :class:`AttributeError` (build a new optimizer instead). Two
+    optimizers with equal configuration (the same loss functions and optax
+    objects, equal options) compare equal, hash alike and share their
+    compiled code. JAX cannot tell two closures apart from their code, so
+    losses or optax transformations created anew for each trial (a
+    ``lambda`` in a loop, ``optax.sgd(0.1)`` called twice) make distinct
+    configurations, each compiled once; build them once outside the loop
+    to share. Compiled code is freed with the last optimizer that uses it.
 
     Args:
       train_loss: :math:`L_{tr}(w, \lambda; D)`, called as
@@ -115,6 +248,9 @@ class BilevelOptimizer(abc.ABC):
       0.240 0.260
     """
 
+    #: The type of ``state.algorithm_state`` this algorithm keeps.
+    state_type: type = tuple
+
     def __init__(self, train_loss: LossFn, val_loss: LossFn,
                  inner_optimizer: InnerOptimizer,
                  outer_optimizer: Optional[optax.GradientTransformation],
@@ -131,13 +267,52 @@ class BilevelOptimizer(abc.ABC):
         # (None: batches are passed as they are). Set by subclasses.
         self._train_steps: Optional[int] = None
         self._val_steps: Optional[int] = None
-        # Batch signatures already checked (a cache, not state).
-        self._checked: set = set()
+
+    # -- an immutable value --------------------------------------------------
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_frozen", False):
+            raise AttributeError(
+                f"{type(self).__name__} is immutable: cannot set {name!r} "
+                "after construction (compiled code and other optimizers may "
+                f"share this configuration). Build a new optimizer, e.g. "
+                f"{type(self).__name__}(..., {name}=...).")
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(
+            f"{type(self).__name__} is immutable: cannot delete {name!r}.")
+
+    def _config_key(self) -> Any:
+        """The configuration as a hashable value: the class and every
+        public attribute set by the constructor (private ones are derived
+        from them)."""
+        return (type(self),) + tuple(
+            (name, _freeze(value))
+            for name, value in sorted(vars(self).items())
+            if not name.startswith("_"))
+
+    def __eq__(self, other: Any) -> bool:
+        if not isinstance(other, BilevelOptimizer):
+            return NotImplemented
+        return self._key == other._key
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __repr__(self) -> str:
+        options = ", ".join(
+            f"{k}={v!r}" for k, v in vars(self).items()
+            if not k.startswith("_") and k not in (
+                "train_loss", "val_loss", "inner_optimizer",
+                "outer_optimizer"))
+        return f"{type(self).__name__}({options})"
 
     # -- the contract ------------------------------------------------------
 
     @abc.abstractmethod
-    def init(self, params: PyTree, hyperparams: PyTree) -> BilevelState:
+    def init(self, params: PyTree, hyperparams: PyTree, *,
+             key: Optional[jax.Array] = None) -> BilevelState:
         r"""Creates the initial state.
 
         Args:
@@ -146,18 +321,29 @@ class BilevelOptimizer(abc.ABC):
             of arrays or numbers. Floating leaves are tuned; integer leaves
             are held fixed. Python floats are converted to arrays of the
             default floating dtype.
+          key: the state's randomness, a PRNG key (``jax.random.key(0)`` or
+            ``jax.random.PRNGKey(0)``); algorithms that draw random numbers
+            (HyperDistill's subsampling, the warm start's random direction)
+            carry it in ``state.algorithm_state`` and split it as they go,
+            the others ignore it. ``None`` means ``jax.random.PRNGKey(0)``.
+            Give each member of a population its own key
+            (:func:`~gradhpo.init_population` splits one).
 
         Returns:
           A :class:`~gradhpo.BilevelState` with ``step == 0``, the inner
           optimizer state :math:`s_0` (built from ``inner_optimizer``
-          at :math:`\lambda_0`), the outer optimizer state, and metadata
-          initialised (losses NaN, ``nonfinite_count`` 0).
+          at :math:`\lambda_0`), the outer optimizer state, metadata
+          initialised (losses NaN, ``nonfinite_count`` 0) and the
+          algorithm's own record in ``algorithm_state``. Its tree, shapes
+          and dtypes never change from step to step, so it can start a
+          :func:`jax.lax.scan` over :meth:`step`.
 
         Raises:
           TypeError: if a leaf of ``params`` is not a real floating array,
             or a leaf of ``hyperparams`` is not a real floating or integer
             array or number (booleans, complex numbers, ``None`` and strings
-            are rejected; see :mod:`gradhpo.utils.validation`).
+            are rejected), ``key`` is not a PRNG key, or a callable
+            ``inner_optimizer`` does not return an optax transformation.
           ValueError: if a tree is empty or holds NaN or inf,
             ``hyperparams`` has no floating leaf, or ``hyperparams`` does
             not match what a callable ``inner_optimizer`` reads.
@@ -187,9 +373,10 @@ class BilevelOptimizer(abc.ABC):
           ``hyperparams`` and ``outer_opt_state`` unchanged, and each
           increments ``metadata["nonfinite_count"]``.
 
-        The method is pure and compiled once per input shape; it can be
-        wrapped in :func:`jax.jit` or :func:`jax.vmap` (a population of
-        states stacked on a leading axis).
+        The method is pure and compiled once per input shape (arguments by
+        position or keyword); it can be wrapped in :func:`jax.jit`,
+        :func:`jax.vmap` (a population of states stacked on a leading axis)
+        or :func:`jax.lax.scan`.
         """
 
     @abc.abstractmethod
@@ -214,80 +401,75 @@ class BilevelOptimizer(abc.ABC):
           outer update.
         """
 
-    # -- shared helpers for subclasses (not part of the public contract) ----
+    # -- hooks for the algorithms (public: see "Adding an algorithm") -------
 
-    def _check_call(self, state: BilevelState, train_batch: DataBatch = None,
-                    val_batch: DataBatch = None) -> None:
-        """Host-side checks of a call, once per batch signature.
+    def check_state(self, state: BilevelState, train_batch: DataBatch,
+                    val_batch: DataBatch) -> None:
+        """Checks a state and batches before a compiled method is traced.
 
-        Every call checks the state's type (an ``isinstance``). The rest runs
-        only for a new key (the batches' trees, shapes and dtypes, the state
-        entries' names, and the signature of :meth:`_batch_template`): the
-        leading step axis, that both losses return floating scalars (by
-        :func:`jax.eval_shape`, which traces the losses but runs nothing) and
-        the algorithm's :meth:`_check_state`. A repeated signature costs a
-        few dictionary lookups and never traces the losses again.
+        Called at trace time, once per compilation, with abstract values
+        (shapes and dtypes only). The base checks that ``state`` was built
+        by this algorithm's :meth:`init`: its ``algorithm_state`` has type
+        :attr:`state_type` and its metadata holds the common entries. An
+        algorithm extends it (calling ``super().check_state``) to check
+        what its own state must match, e.g. HyperDistill's :math:`D^*`
+        against the training batch.
+
+        Raises:
+          ValueError: if ``state`` comes from another algorithm's ``init``
+            or does not match the batches.
         """
-        if not isinstance(state, BilevelState):
-            raise TypeError(
-                "state must be a gradhpo.BilevelState (from "
-                f"{type(self).__name__}.init), got {type(state).__name__}.")
-        # keyed on the batches and the state's entry names only (a few
-        # leaves): the state's shapes are fixed at init, and flattening a
-        # large model per call would cost
-        key = (_signature(train_batch), _signature(val_batch),
-               tuple(sorted(state.metadata)), tuple(sorted(state.extra)),
-               _signature(self._batch_template(state)))
-        if key in self._checked:
-            return
-        self._check_state(state, train_batch, val_batch)
-        train_one = _one_step_batch(train_batch, self._train_steps,
-                                    "train_batch")
-        val_one = _one_step_batch(val_batch, self._val_steps, "val_batch")
-        self._check_loss("train_loss", self.train_loss, state.params,
-                         state.hyperparams, train_one)
-        self._check_loss("val_loss", self.val_loss, state.params,
-                         state.hyperparams, val_one)
-        self._checked.add(key)
-
-    @staticmethod
-    def _check_loss(name: str, loss: LossFn, params: PyTree,
-                    hyperparams: PyTree, batch: DataBatch) -> None:
-        """Checks ``loss`` returns a floating scalar, by shape evaluation."""
-        val.check_scalar_loss(
-            jax.eval_shape(loss, params, hyperparams, batch), name)
-
-    def _batch_template(self, state: BilevelState) -> PyTree:
-        """A part of the state the batches must keep matching (part of the
-        check cache key); ``None`` by default. HyperDistill returns
-        :math:`D^*`, allocated from the first batch."""
-        del state
-        return None
-
-    def _check_state(self, state: BilevelState, train_batch: DataBatch,
-                     val_batch: DataBatch) -> None:
-        """Algorithm-specific checks of a call, once per signature: that the
-        state was built by this algorithm's ``init`` and matches the
-        batches. The base checks the common metadata entries."""
         del train_batch, val_batch
-        self._require_entries(state, "metadata", ("nonfinite_count",))
+        self._check_state_type(state)
 
-    def _require_entries(self, state: BilevelState, field: str,
-                         names: Any) -> None:
-        """Raises :class:`ValueError` unless ``state.<field>`` has every
-        entry of ``names`` (a state from another algorithm's ``init``)."""
-        missing = [n for n in names if n not in getattr(state, field)]
+    # -- internals -------------------------------------------------------------
+
+    def _check_state_type(self, state: BilevelState) -> None:
+        if not isinstance(state.algorithm_state, self.state_type):
+            raise ValueError(
+                "state.algorithm_state must be a "
+                f"{self.state_type.__name__} (state was not built by "
+                f"{type(self).__name__}.init), got "
+                f"{type(state.algorithm_state).__name__}; build the state "
+                f"with {type(self).__name__}.init.")
+        missing = [n for n in ("train_loss", "val_loss",
+                               "hypergradient_norm", "nonfinite_count")
+                   if n not in state.metadata]
         if missing:
             raise ValueError(
-                f"state.{field} lacks {missing}: state was not built by "
-                f"{type(self).__name__}.init with these options (it holds "
-                f"{sorted(getattr(state, field))}); build it with "
+                f"state.metadata lacks {missing}: build the state with "
                 f"{type(self).__name__}.init.")
 
-    def _initial_state(self, params: PyTree, hyperparams: PyTree,
-                       metadata: Optional[Dict[str, Any]] = None,
-                       extra: Optional[Dict[str, Any]] = None
-                       ) -> BilevelState:
+    # -- hooks, continued --------------------------------------------------
+
+    def host_cache(self) -> set:
+        """A set for host-side checks already done for this configuration
+        (e.g. a check of ``init``'s arguments per tree signature), shared
+        by equal optimizers and freed with them."""
+        bundle = self.__dict__.get("_compiled")
+        return set() if bundle is None else bundle.checked
+
+    def initial_state(self, params: PyTree, hyperparams: PyTree,
+                      algorithm_state: Any = (),
+                      metadata: Optional[Dict[str, Any]] = None
+                      ) -> BilevelState:
+        r"""The common part of :meth:`init`: a validated initial state.
+
+        Checks ``params`` and ``hyperparams`` (clear errors for bad leaves),
+        pins their dtypes (Python numbers become strongly typed arrays, so a
+        jitted step never retraces), and builds the inner optimizer state
+        :math:`s_0` at :math:`\lambda_0` and the outer optimizer state.
+
+        Args:
+          params: :math:`w_0`.
+          hyperparams: :math:`\lambda_0`.
+          algorithm_state: the algorithm's record (an instance of
+            :attr:`state_type`).
+          metadata: scalar entries to add to the common metadata.
+
+        Returns:
+          A :class:`~gradhpo.BilevelState` at step 0.
+        """
         val.check_params(params)
         val.check_hyperparams(hyperparams, type(self).__name__)
         params = tu.as_strong_arrays(params)
@@ -301,57 +483,52 @@ class BilevelOptimizer(abc.ABC):
             outer_opt_state=outer_state,
             step=jnp.zeros((), jnp.int32),
             metadata=initial_metadata(**(metadata or {})),
-            extra=dict(extra or {}))
+            algorithm_state=algorithm_state)
 
-    def _init_inner_state(self, params: PyTree,
-                          hyperparams: PyTree) -> PyTree:
-        try:
-            return gr.init_inner_state(self.inner_optimizer, params,
-                                       hyperparams)
-        except (KeyError, IndexError, TypeError, AttributeError) as e:
-            if isinstance(self.inner_optimizer, optax.GradientTransformation):
-                raise
-            raise ValueError(
-                "hyperparams do not match what inner_optimizer expects: "
-                "building the inner optimizer from hyperparams raised "
-                f"{type(e).__name__}: {e}. Pass every hyperparameter the "
-                "callable reads (e.g. {'lr': 0.1} for lambda hp: "
-                "optax.sgd(hp['lr'])).") from e
+    def finish_step(self, state: BilevelState, inner: gr.InnerStep,
+                    hypergradient: PyTree, val_loss: jax.Array, *,
+                    metadata: Optional[Dict[str, Any]] = None,
+                    algorithm_state: Any = None,
+                    outer: Optional[Callable] = None,
+                    inner_skips: Optional[jax.Array] = None,
+                    inner_guarded: bool = False) -> BilevelState:
+        """The common end of :meth:`step`: guards and applies an inner step
+        and an outer update, and records the metadata.
 
-    def _finish_step(self, state: BilevelState, inner: gr.InnerStep,
-                     hypergradient: PyTree, val_loss: jax.Array,
-                     metadata: Optional[Dict[str, Any]] = None,
-                     extra: Optional[Dict[str, Any]] = None,
-                     outer: Optional[Callable] = None,
-                     inner_skips: Optional[jax.Array] = None,
-                     inner_guarded: bool = False
-                     ) -> BilevelState:
-        """Guards and applies an inner step and an outer update.
+        The outer update is skipped (hyperparameters and outer state kept)
+        when the hypergradient is non-finite or the inner step was skipped;
+        each skip increments ``metadata["nonfinite_count"]``. One reduction
+        of the hypergradient serves as the finiteness check and the norm.
 
         Args:
           state: the state the step started from.
-          inner: the (unguarded) inner step from ``state``; kept only if
+          inner: the inner step from ``state``
+            (:class:`gradhpo.utils.gradients.InnerStep`); kept only if
             ``inner.finite``.
-          hypergradient: skipped (hyperparameters and outer state kept) when
-            non-finite.
-          val_loss: recorded in the metadata.
-          metadata, extra: algorithm-specific entries to record.
+          hypergradient: shaped like ``state.hyperparams``.
+          val_loss: recorded as ``metadata["val_loss"]``.
+          metadata: algorithm-specific scalar entries to record (cast to
+            the dtypes they had at ``init``).
+          algorithm_state: the new ``state.algorithm_state`` (default:
+            unchanged).
           outer: ``outer(state, hypergradient) -> (hyperparams,
             outer_opt_state, metadata)`` replacing the plain outer optimizer
             update (Greedy's masked, projected update); it only sees finite
-            hypergradients.
+            hypergradients, and its metadata is zeroed when skipped.
           inner_skips: the number of skipped inner steps when ``inner``
             summarises several (default: 1 if ``inner`` is non-finite).
           inner_guarded: ``inner`` was already guarded inside its update
             (``guard=True`` in :mod:`gradhpo.utils.gradients`), which saves
             a pass over the weights and optimizer state.
+
+        Returns:
+          The next state, ``step`` incremented.
         """
         if not inner_guarded:
             inner = gr.guard_inner_step(inner, state.params,
                                         state.inner_opt_state)
-        # one reduction serves as the finiteness check and the norm; a
-        # hypergradient through a skipped inner step is not applied either
         sq = tu.sum_squares(hypergradient)
+        # a hypergradient through a skipped inner step is not applied either
         outer_ok = jnp.isfinite(sq) & inner.finite
         safe = tu.select(outer_ok, hypergradient, tu.zeros_like(hypergradient))
         if outer is None:
@@ -378,12 +555,63 @@ class BilevelOptimizer(abc.ABC):
         meta.update(metadata or {})
         meta = {k: jnp.asarray(v).astype(jnp.result_type(state.metadata[k]))
                 if k in state.metadata else v for k, v in meta.items()}
-        new_extra = dict(state.extra)
-        new_extra.update(extra or {})
+        if algorithm_state is None:
+            algorithm_state = state.algorithm_state
         return state.replace(
             params=inner.params, inner_opt_state=inner.opt_state,
             hyperparams=new_hp, outer_opt_state=new_outer,
-            step=state.step + 1, metadata=meta, extra=new_extra)
+            step=state.step + 1, metadata=meta,
+            algorithm_state=algorithm_state)
+
+    def _check_call(self, state: BilevelState, train_batch: DataBatch = None,
+                    val_batch: DataBatch = None) -> None:
+        """The checks of a compiled call, run at trace time (once per
+        compilation) on abstract values: the algorithm's
+        :meth:`check_state`, the leading step axis of the batches, and that
+        both losses return floating scalars (by :func:`jax.eval_shape`,
+        which traces the losses but runs nothing)."""
+        self.check_state(state, train_batch, val_batch)
+        train_one = _one_step_batch(train_batch, self._train_steps,
+                                    "train_batch")
+        val_one = _one_step_batch(val_batch, self._val_steps, "val_batch")
+        self._check_loss("train_loss", self.train_loss, state.params,
+                         state.hyperparams, train_one)
+        self._check_loss("val_loss", self.val_loss, state.params,
+                         state.hyperparams, val_one)
+
+    @staticmethod
+    def _check_loss(name: str, loss: LossFn, params: PyTree,
+                    hyperparams: PyTree, batch: DataBatch) -> None:
+        """Checks ``loss`` returns a floating scalar, by shape evaluation."""
+        val.check_scalar_loss(
+            jax.eval_shape(loss, *_abstract((params, hyperparams, batch))),
+            name)
+
+    def _init_inner_state(self, params: PyTree,
+                          hyperparams: PyTree) -> PyTree:
+        try:
+            tx = gr.resolve_inner_optimizer(self.inner_optimizer,
+                                            hyperparams)
+        except (KeyError, IndexError, TypeError, AttributeError) as e:
+            raise ValueError(
+                "hyperparams do not match what inner_optimizer expects: "
+                "building the inner optimizer from hyperparams raised "
+                f"{type(e).__name__}: {e}. Pass every hyperparameter the "
+                "callable reads (e.g. {'lr': 0.1} for lambda hp: "
+                "optax.sgd(hp['lr'])).") from e
+        if not isinstance(tx, optax.GradientTransformation):
+            raise TypeError(
+                "inner_optimizer(hyperparams) must return an "
+                f"optax.GradientTransformation, got {type(tx).__name__}; "
+                "write e.g. lambda hp: optax.sgd(hp['lr']).")
+        return tx.init(params)
+
+
+def _abstract(tree: PyTree) -> PyTree:
+    """Shapes and dtypes of every leaf (tracers included)."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)),
+        tree)
 
 
 def _one_step_batch(batch: DataBatch, steps: Optional[int],

@@ -6,7 +6,7 @@ from typing import Any, Dict
 import jax
 import jax.numpy as jnp
 
-from gradhpo.core.types import PyTree
+from gradhpo.utils.types import PyTree
 
 #: Metadata keys every algorithm maintains.
 BASE_METADATA_KEYS = (
@@ -34,12 +34,17 @@ class BilevelState:
       outer_opt_state: state :math:`r` of the outer (optax) optimizer.
       step: number of completed steps :math:`t`, an ``int32`` scalar array
         (never a Python ``int``, which would recompile every step).
-      metadata: diagnostics, a dict of arrays with at least ``train_loss``,
-        ``val_loss``, ``hypergradient_norm`` and ``nonfinite_count``; the
-        algorithms add their own entries (for example ``theta``).
-      extra: algorithm-specific carried state (for example HyperDistill's
-        distilled weights :math:`w^*` and PRNG key); an empty dict for
-        algorithms that need none.
+      metadata: diagnostics, a dict of scalar arrays with at least
+        ``train_loss``, ``val_loss``, ``hypergradient_norm`` and
+        ``nonfinite_count``; some algorithms add scalar entries of their own
+        (Greedy's ``selected``, the warm start's ``delta_norm``).
+      algorithm_state: the algorithm's own carried arrays, one typed record
+        per algorithm (a :class:`~typing.NamedTuple`, as optax has one state
+        type per transformation): :class:`~gradhpo.T1T2State`,
+        :class:`~gradhpo.GreedyState`, :class:`~gradhpo.HyperDistillState`,
+        :class:`~gradhpo.OneShotWarmStartState`. Its fields are documented
+        with each type; diagnostics in it are pytrees shaped like the
+        hyperparameters.
 
     Example:
       >>> import jax.numpy as jnp
@@ -47,7 +52,8 @@ class BilevelState:
       >>> state = gh.BilevelState(
       ...     params=jnp.zeros(3), hyperparams={"l2": jnp.array(0.1)},
       ...     inner_opt_state=(), outer_opt_state=(),
-      ...     step=jnp.array(0, jnp.int32), metadata={})
+      ...     step=jnp.array(0, jnp.int32), metadata={},
+      ...     algorithm_state=gh.T1T2State())
       >>> int(state.replace(step=state.step + 1).step)
       1
     """
@@ -58,7 +64,7 @@ class BilevelState:
     outer_opt_state: PyTree
     step: jax.Array
     metadata: Dict[str, jax.Array]
-    extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    algorithm_state: Any = ()
 
     def replace(self, **fields: Any) -> "BilevelState":
         """Returns a copy of the state with the given fields replaced.

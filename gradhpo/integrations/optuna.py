@@ -9,7 +9,7 @@ it, :class:`OptunaWarmStart` nudges the continuous part of :math:`\psi` once
 :math:`\psi'` to train. The scheduler is not modified: its promotion and
 stopping rules see only the values the objective reports.
 
-What is recorded where (DESIGN.md §4):
+What is recorded where:
 
 * ``trial.params`` keeps the *sampled* :math:`\psi` (the helper never calls
   ``suggest_*`` with other values), so the sampler's model of the search
@@ -35,7 +35,8 @@ from optuna.distributions import FloatDistribution
 
 from gradhpo.algorithms.warm_start import OneShotWarmStart
 from gradhpo.core.state import float_dtype
-from gradhpo.core.types import DataBatch, PyTree
+from gradhpo.utils import validation as val
+from gradhpo.utils.types import DataBatch, PyTree
 
 #: Prefix of every user attribute the warm start writes.
 PREFIX = "ohgw_"
@@ -79,7 +80,7 @@ def _bounded(warm_start: OneShotWarmStart,
             warm_start.inner_optimizer, warm_start.outer_optimizer,
             step_size=warm_start.step_size, num_steps=warm_start.num_steps,
             lookahead=warm_start.lookahead, direction=warm_start.direction,
-            seed=warm_start.seed, bounds=(lower, upper))
+            bounds=(lower, upper))
     return cache[box]
 
 
@@ -121,8 +122,8 @@ class OptunaWarmStart:
     user attributes) or a second call in the same trial reuses the recorded
     :math:`\psi'` instead of recomputing it, so a retry trains the same
     configuration. With ``direction="random"``, the random direction's key
-    is ``fold_in(PRNGKey(seed), trial.number)``: a different direction per
-    trial, reproducible per trial number.
+    is ``fold_in(key, trial.number)``: a different direction per trial,
+    reproducible per trial number.
 
     Args:
       warm_start: a :class:`~gradhpo.OneShotWarmStart` built with
@@ -131,6 +132,8 @@ class OptunaWarmStart:
         :math:`K` and ``direction`` are used as they are.
       names: the parameters to warm start (default: every parameter of the
         trial, in ``trial.params`` order; discrete ones pass through).
+      key: the PRNG key the per-trial keys are folded from (default
+        ``jax.random.PRNGKey(0)``); only ``direction="random"`` uses it.
 
     Example:
       >>> import jax.numpy as jnp, optax, optuna
@@ -169,14 +172,15 @@ class OptunaWarmStart:
 
     References:
       Anonymous, *One-Shot Hyper-Gradient Warm-Starts for Bandit-Style
-      Hyperparameter Optimisation* (summarised in DESIGN.md §4).
+      Hyperparameter Optimisation* (no public code).
 
       Akiba et al, `Optuna: A Next-generation Hyperparameter Optimization
       Framework <https://arxiv.org/abs/1907.10902>`_, KDD 2019.
     """
 
     def __init__(self, warm_start: OneShotWarmStart,
-                 names: Optional[Sequence[str]] = None) -> None:
+                 names: Optional[Sequence[str]] = None, *,
+                 key: Optional[jax.Array] = None) -> None:
         if not isinstance(warm_start, OneShotWarmStart):
             raise TypeError("warm_start must be a gradhpo.OneShotWarmStart, "
                             f"got {type(warm_start).__name__}.")
@@ -187,6 +191,7 @@ class OptunaWarmStart:
                 f"{warm_start.bounds!r}.")
         self.warm_start = warm_start
         self.names = None if names is None else self._check_names(names)
+        self.key = val.check_key(key)
 
     @staticmethod
     def _check_names(names: Sequence[str]) -> List[str]:
@@ -326,20 +331,16 @@ class OptunaWarmStart:
                     for n in sorted(continuous))
         bounded = _bounded(ws, box)
         psi = self.to_hyperparams(trial, names=continuous)
-        state = bounded.init(params, psi)
-        if ws.direction == "random":
-            key = jax.random.fold_in(jax.random.PRNGKey(ws.seed),
-                                     trial.number % 2 ** 32)
-            state = state.replace(extra={**state.extra, "key": key})
+        key = jax.random.fold_in(self.key, trial.number % 2 ** 32)
+        state = bounded.init(params, psi, key=key)
         new = bounded.step(state, train_batch, val_batch)
-        new_psi, meta = jax.device_get((new.hyperparams, new.metadata))
+        new_psi, meta, own = jax.device_get(
+            (new.hyperparams, new.metadata, new.algorithm_state))
         seconds = time.perf_counter() - start
 
-        # The flat metadata vectors follow ravel_pytree order of the dict.
-        order = [path[0].key for path, _ in
-                 jax.tree_util.tree_flatten_with_path(psi)[0]]
-        grad = dict(zip(order, np.asarray(meta["hypergradient"]).ravel()))
-        delta = dict(zip(order, np.asarray(meta["delta"]).ravel()))
+        order = sorted(continuous)
+        grad = {n: float(own.hypergradient[n]) for n in order}
+        delta = {n: float(own.delta[n]) for n in order}
         nonfinite = int(meta["nonfinite_count"])
         dtype = np.dtype(jnp.result_type(float_dtype()))
         values = dict(sampled)

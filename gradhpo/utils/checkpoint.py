@@ -19,9 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradhpo.core.types import PyTree
+from gradhpo.utils.types import PyTree
 
-FORMAT_VERSION = 1
+#: Version 2 (gradhpo 0.2): algorithm states are typed records
+#: (``BilevelState.algorithm_state``); version 1 held free-form dicts.
+FORMAT_VERSION = 2
 _HEADER = "__gradhpo_header__"
 PathLike = Union[str, os.PathLike]
 
@@ -147,11 +149,19 @@ def load_state(path: PathLike, like: PyTree) -> PyTree:
     """
     path = os.fspath(path)
     npz, header = _read(path)
-    if header.get("format_version") != FORMAT_VERSION:
+    version = header.get("format_version")
+    if version == 1:
         raise ValueError(
-            f"{path} has checkpoint format version "
-            f"{header.get('format_version')!r}; this gradhpo reads version "
-            f"{FORMAT_VERSION}.")
+            f"{path} was written by gradhpo 0.1 (checkpoint format 1), whose "
+            "states kept algorithm-specific arrays in a free-form dict "
+            "(BilevelState.extra); gradhpo 0.2 reads format 2, with typed "
+            "records (BilevelState.algorithm_state), and cannot map the old "
+            "layout safely. Resume that run with gradhpo 0.1, or start from "
+            "a new init.")
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has checkpoint format version {version!r}; this "
+            f"gradhpo reads version {FORMAT_VERSION}.")
     template, treedef = jax.tree_util.tree_flatten_with_path(like)
     saved = header["leaves"]
     if len(saved) != len(template) or header["treedef"] != str(treedef):

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradhpo.core.types import DataBatch, InnerOptimizer, LossFn, PyTree
+from gradhpo.utils.types import DataBatch, InnerOptimizer, LossFn, PyTree
 from gradhpo.utils import tree as tu
 
 

@@ -25,8 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gradhpo.core.state import BilevelState
-from gradhpo.core.types import DataBatch, PyTree
+from gradhpo.utils.types import DataBatch, PyTree
 
 
 def stack(trees: Sequence[PyTree]) -> PyTree:
@@ -46,15 +45,20 @@ def unstack(tree: PyTree) -> list:
 
 
 def init_population(optimizer, params: PyTree,
-                    hyperparams: Sequence[PyTree],
-                    **init_kwargs) -> BilevelState:
+                    hyperparams: Sequence[PyTree], *,
+                    key: Optional[jax.Array] = None,
+                    **init_kwargs) -> PyTree:
     """States for several hyperparameter settings, stacked on axis 0.
 
     Args:
       optimizer: any :class:`~gradhpo.BilevelOptimizer`.
       params: the initial parameters, shared by every member (pass a stacked
         tree and ``jax.vmap`` the ``init`` yourself for per-member weights).
-      hyperparams: a sequence of hyperparameter pytrees of one structure.
+      hyperparams: a sequence (list or tuple) of hyperparameter pytrees of
+        one structure, one per member.
+      key: a PRNG key, split into one key per member (so members draw
+        distinct random numbers), or a stack of ``len(hyperparams)`` keys to
+        use as they are. ``None`` splits ``jax.random.PRNGKey(0)``.
       **init_kwargs: passed to ``optimizer.init`` (e.g. ``batch=`` for
         HyperDistill).
 
@@ -74,11 +78,34 @@ def init_population(optimizer, params: PyTree,
       >>> states.hyperparams.shape
       (3,)
     """
-    if not len(hyperparams):
+    if not isinstance(hyperparams, (list, tuple)):
+        raise TypeError(
+            "hyperparams must be a list or tuple of hyperparameter pytrees "
+            f"(one per member), got {type(hyperparams).__name__}; for one "
+            "setting write [hyperparams].")
+    if not hyperparams:
         raise ValueError("hyperparams must hold at least one setting, got "
                          "an empty sequence.")
-    return stack([optimizer.init(params, hp, **init_kwargs)
-                  for hp in hyperparams])
+    n = len(hyperparams)
+    keys = _member_keys(key, n)
+    return stack([optimizer.init(params, hp, key=k, **init_kwargs)
+                  for hp, k in zip(hyperparams, keys)])
+
+
+def _member_keys(key, n: int) -> list:
+    """``n`` keys: ``key`` split, or a stack of ``n`` keys as given."""
+    if key is None:
+        key = jax.random.PRNGKey(0)
+    typed = isinstance(key, jax.Array) and jax.dtypes.issubdtype(
+        key.dtype, jax.dtypes.prng_key)
+    single = key.shape == () if typed else np.shape(key) == (2,)
+    if single:
+        return list(jax.random.split(key, n))
+    if np.shape(key)[:1] == (n,):
+        return list(key)
+    raise ValueError(
+        f"key must be one PRNG key or a stack of {n} keys (one per member "
+        f"of hyperparams), got shape {np.shape(key)}.")
 
 
 def make_mesh(devices: Optional[Sequence[jax.Device]] = None,

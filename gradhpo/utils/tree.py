@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradhpo.core.types import PyTree
+from gradhpo.utils.types import PyTree
 
 
 def is_float_leaf(x: Any) -> bool:
@@ -29,6 +29,13 @@ def as_strong_arrays(tree: PyTree) -> PyTree:
         x = jnp.asarray(x)
         return jnp.asarray(x, dtype=x.dtype)
     return jax.tree.map(strong, tree)
+
+
+def tree_signature(tree: PyTree) -> Any:
+    """The tree structure and every leaf's shape and dtype, hashable (a key
+    for host-side caches of checks)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
 
 
 def partition_float(tree: PyTree) -> Tuple[PyTree, PyTree]:

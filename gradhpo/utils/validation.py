@@ -35,6 +35,7 @@ Example:
   ValueError: horizon must be an int >= 1, got 0.
 """
 
+import functools
 import math
 import numbers
 from typing import Any, Iterable, Optional
@@ -44,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradhpo.core.types import PyTree
+from gradhpo.utils.types import PyTree
 from gradhpo.utils import tree as tu
 
 
@@ -63,9 +64,38 @@ def check_callable(value: Any, name: str) -> None:
             f"scalar, got {_describe(value)}.")
 
 
+def _optax_factory(value: Any) -> Optional[str]:
+    """The dotted name of an optax function or class ``value`` is (or a
+    :func:`functools.partial` of), else ``None``."""
+    fn = value
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    module = getattr(fn, "__module__", None) or ""
+    if module != "optax" and not module.startswith("optax."):
+        return None
+    if isinstance(fn, (optax.GradientTransformation, tuple)):
+        return None
+    return "optax." + getattr(fn, "__name__", type(fn).__name__)
+
+
 def check_inner_optimizer(value: Any) -> None:
-    """``inner_optimizer``: an optax transformation or a callable of λ."""
-    if isinstance(value, optax.GradientTransformation) or callable(value):
+    """``inner_optimizer``: an optax transformation or a callable of λ.
+
+    An optax factory passed uncalled (``optax.sgd`` instead of
+    ``optax.sgd(0.1)``) is a callable too, but calling it with the
+    hyperparameters would silently use them as its first argument (the
+    learning rate): it is rejected.
+    """
+    if isinstance(value, optax.GradientTransformation):
+        return
+    factory = _optax_factory(value)
+    if factory is not None:
+        raise TypeError(
+            f"inner_optimizer is the optax factory {factory}, not a "
+            f"transformation: call it with its arguments ({factory}(...), "
+            "e.g. optax.sgd(0.1)), or, to tune them as hyperparameters, "
+            f"wrap it: lambda hp: {factory}(hp['lr']).")
+    if callable(value):
         return
     raise TypeError(
         "inner_optimizer must be an optax.GradientTransformation (e.g. "
@@ -79,11 +109,41 @@ def check_outer_optimizer(value: Any, allow_none: bool = False) -> None:
         return
     if isinstance(value, optax.GradientTransformation):
         return
+    factory = _optax_factory(value)
+    if factory is not None:
+        raise TypeError(
+            f"outer_optimizer is the optax factory {factory}, not a "
+            f"transformation: call it with its arguments ({factory}(...), "
+            "e.g. optax.adam(1e-2)).")
     allowed = "an optax.GradientTransformation (e.g. optax.adam(1e-2))"
     if allow_none:
         allowed += " or None"
     raise TypeError(
         f"outer_optimizer must be {allowed}, got {_describe(value)}.")
+
+
+def check_key(key: Any, name: str = "key") -> jax.Array:
+    """A PRNG key (typed, ``jax.random.key``, or raw ``uint32[2]``,
+    ``jax.random.PRNGKey``); ``None`` gives ``jax.random.PRNGKey(0)``.
+
+    Returns:
+      The key as a JAX array (typed keys stay typed).
+    """
+    if key is None:
+        return jax.random.PRNGKey(0)
+    if isinstance(key, (jax.Array, np.ndarray)):
+        dtype = key.dtype
+        if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+            if key.shape == ():
+                return key
+        elif dtype == np.uint32 and key.shape == (2,):
+            return jnp.asarray(key)
+    raise TypeError(
+        f"{name} must be a single PRNG key, jax.random.key(seed) or "
+        f"jax.random.PRNGKey(seed) (split one key per member of a "
+        f"population), got {_describe(key)}"
+        + (f" of shape {np.shape(key)}" if hasattr(key, "shape") else "")
+        + ".")
 
 
 def check_choice(value: Any, name: str, choices: Iterable[str]) -> None:

@@ -83,7 +83,7 @@ def make_optimizer(alg: str, pb: "sc.Problem"):
     if alg == "hyperdistill":
         from gradhpo.algorithms.online import HyperDistill
         return HyperDistill(pb.train_loss, pb.val_loss, pb.inner, pb.outer,
-                            gamma=0.9, theta=1.0, seed=0)
+                            gamma=0.9, theta=1.0)
     from gradhpo.algorithms.t1_t2 import T1T2
     mode = "exact" if alg == "t1t2_exact" else "finite_difference"
     return T1T2(pb.train_loss, pb.val_loss, pb.inner, pb.outer,

@@ -167,7 +167,7 @@ def _optimizer(alg, train_loss, val_loss):
     if alg == "hyperdistill":
         from gradhpo.algorithms.online import HyperDistill
         return HyperDistill(train_loss, val_loss, inner, outer, gamma=0.9,
-                            theta=1.0, seed=0)
+                            theta=1.0)
     from gradhpo.algorithms.t1_t2 import T1T2
     mode = "exact" if alg == "t1t2_exact" else "finite_difference"
     return T1T2(train_loss, val_loss, inner, outer, hypergradient=mode)
@@ -199,10 +199,7 @@ def run_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
         size, spec["inputs"], spec["batch"])
     opt = _optimizer(alg, train_loss, val_loss)
     if alg == "hyperdistill":
-        state = opt.init(w, rho, batch=train)
-        if donate:  # w* aliases w: XLA refuses to donate one buffer twice
-            w_star = jax.tree.map(jnp.copy, state.extra["w_star"])
-            state = state.replace(extra=dict(state.extra, w_star=w_star))
+        state = opt.init(w, rho, batch=train)   # w* is its own buffer
     else:
         state = opt.init(w, rho)
     del w, rho

@@ -492,8 +492,7 @@ def _library_step(opt):
     def step(state, data, val_data):
         return opt.step(state, data, val_data)
     # Expose the underlying jit for HLO inspection.
-    step.lower = lambda state, data, val_data: opt.step.__wrapped_jit__.lower(
-        opt, state, data, val_data)
+    step.lower = jax.jit(opt.step).lower
     step.hypergradient = opt.compute_hypergradient
     return step
 
@@ -530,8 +529,9 @@ def build_hyperdistill(gamma: float, theta: float, seed: int):
     def build(pb: Problem):
         from gradhpo.algorithms.online import HyperDistill
         opt = HyperDistill(pb.train_loss, pb.val_loss, pb.inner, pb.outer,
-                           gamma=gamma, theta=theta, seed=seed)
-        state = opt.init(pb.params, pb.hyperparams, batch=pb.train_batch)
+                           gamma=gamma, theta=theta)
+        state = opt.init(pb.params, pb.hyperparams, batch=pb.train_batch,
+                         key=jax.random.PRNGKey(seed))
         return _library_step(opt), state, (pb.train_batch, pb.val_batch)
     return build
 

@@ -37,7 +37,7 @@ script compares, on the same data order and noise draws:
 
 Data: scikit-learn's bundled digits (8×8, no download) by default;
 ``--data-dir`` reads MNIST IDX files through
-:func:`gradhpo.datasets.load_mnist_splits`.
+``load_mnist_splits`` of the examples' support module ``data_utils.py``.
 
 Examples::
 
@@ -59,7 +59,8 @@ from jax.scipy.ndimage import map_coordinates
 from tqdm import tqdm
 
 import gradhpo as gh
-from gradhpo import datasets
+
+import data_utils  # the examples' data loaders (examples/ is on sys.path)
 
 COST_PER_STEP = {"T1-T2": 3, "HyperDistill": 3}
 NAMES = ("shift", "noise")
@@ -138,10 +139,10 @@ def magnitudes(hp):
 def load(args):
     """``(N, H, W, 1)`` float32 images in [0, 1] and int32 labels."""
     if args.data_dir:
-        splits = datasets.load_mnist_splits(args.data_dir, seed=args.seed)
+        splits = data_utils.load_mnist_splits(args.data_dir, seed=args.seed)
         scale = 255.0
     else:
-        splits = datasets.load_digits_splits(seed=args.seed)
+        splits = data_utils.load_digits_splits(seed=args.seed)
         scale = 16.0
     if splits.note:
         print(splits.note)

@@ -46,12 +46,12 @@ table (validation loss, test accuracy, hyperparameters, wall time) and saves
 
 Data: ``--data-dir`` is the ``cifar-10-batches-py`` directory of the CIFAR-10
 *python version* (https://www.cs.toronto.edu/~kriz/cifar.html,
-``cifar-10-python.tar.gz``), or its parent;
-``gradhpo.datasets.download_cifar10(dir)`` downloads and extracts it with an
-md5 check. ``--quick`` (for tests) writes a few hundred generated images in
-the same python-batch format under ``--out`` and trains a narrow ResNet for a
-few steps. A GPU is recommended for real runs: on a CPU a full-width T1–T2
-step at batch size 128 takes seconds.
+``cifar-10-python.tar.gz``), or its parent; ``download_cifar10(dir)`` of
+the examples' support module ``data_utils.py`` downloads and extracts it
+with an md5 check. ``--quick`` (for tests) writes a few hundred generated
+images in the same python-batch format under ``--out`` and trains a narrow
+ResNet for a few steps. A GPU is recommended for real runs: on a CPU a
+full-width T1–T2 step at batch size 128 takes seconds.
 
 Examples::
 
@@ -76,9 +76,9 @@ import optax
 from tqdm import tqdm
 
 import gradhpo as gh
-from gradhpo import datasets
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import data_utils  # noqa: E402  (the examples' data loaders)
 from augmentation import augment  # noqa: E402  (the sibling example)
 
 MAX_SHIFT = 4.0     # pixels at m = 1: the standard pad-4 random crop
@@ -90,10 +90,10 @@ CIFAR-10 is needed: pass --data-dir with the CIFAR-10 python batches
 (data_batch_1 ... data_batch_5, test_batch), i.e. the directory
 cifar-10-batches-py extracted from cifar-10-python.tar.gz
 (https://www.cs.toronto.edu/~kriz/cifar.html), or its parent. To fetch it
-with an md5 check:
+with an md5 check (from the repository's root):
 
-    python -c "from gradhpo import datasets; \\
-datasets.download_cifar10('data')"
+    PYTHONPATH=examples python -c "import data_utils; \\
+data_utils.download_cifar10('data')"
 
 then run with --data-dir data. Or run with --quick for a small generated
 stand-in (a smoke test, not CIFAR-10)."""
@@ -221,10 +221,10 @@ def write_fake_cifar10(directory, per_batch=60, n_test=100, seed=0):
         return {b"data": data.reshape(n, 3072),
                 b"labels": [int(c) for c in labels]}
 
-    names = list(datasets.CIFAR10_TRAIN_BATCHES) + [
-        datasets.CIFAR10_TEST_BATCH]
+    names = list(data_utils.CIFAR10_TRAIN_BATCHES) + [
+        data_utils.CIFAR10_TEST_BATCH]
     for name in names:
-        n = n_test if name == datasets.CIFAR10_TEST_BATCH else per_batch
+        n = n_test if name == data_utils.CIFAR10_TEST_BATCH else per_batch
         with open(os.path.join(directory, name), "wb") as f:
             pickle.dump(images(n), f, protocol=2)
     return directory
@@ -232,8 +232,8 @@ def write_fake_cifar10(directory, per_batch=60, n_test=100, seed=0):
 
 def load(data_dir, seed, max_train=0, val_fraction=0.1):
     """Per-channel standardised float32 NHWC splits (train statistics)."""
-    splits = datasets.load_cifar10_splits(data_dir, val_fraction=val_fraction,
-                                          seed=seed)
+    splits = data_utils.load_cifar10_splits(
+        data_dir, val_fraction=val_fraction, seed=seed)
     print(splits.source)
     (xtr, ytr), (xva, yva), (xte, yte) = splits.train, splits.val, splits.test
     if max_train:
@@ -241,7 +241,7 @@ def load(data_dir, seed, max_train=0, val_fraction=0.1):
     # standardize() works per feature over axis 0: viewing the images as
     # (pixels, 3) rows gives per-channel statistics.
     flat = [x.reshape(-1, 3).astype(np.float32) / 255 for x in (xtr, xva, xte)]
-    flat = datasets.standardize(*flat)
+    flat = data_utils.standardize(*flat)
     # Kept on the host (numpy): batches are gathered and flipped there.
     return [(f.reshape(x.shape), y.astype(np.int32))
             for f, x, y in zip(flat, (xtr, xva, xte), (ytr, yva, yte))]

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradhpo import datasets
+import data_utils
 
 
 def load_flat_splits(data_dir=None, seed=0, max_train=0):
@@ -22,14 +22,14 @@ def load_flat_splits(data_dir=None, seed=0, max_train=0):
       files were found and were split three ways).
     """
     if data_dir:
-        splits = datasets.load_mnist_splits(data_dir, seed=seed)
+        splits = data_utils.load_mnist_splits(data_dir, seed=seed)
     else:
-        splits = datasets.load_digits_splits(seed=seed)
+        splits = data_utils.load_digits_splits(seed=seed)
     if splits.note:
         print(splits.note)
     (xtr, ytr), (xva, yva), (xte, yte) = splits.train, splits.val, splits.test
     flat = [x.reshape(len(x), -1).astype(np.float32) for x in (xtr, xva, xte)]
-    xtr, xva, xte = datasets.standardize(*flat)
+    xtr, xva, xte = data_utils.standardize(*flat)
     if max_train:
         xtr, ytr = xtr[:max_train], ytr[:max_train]
     return [(jnp.asarray(x), jnp.asarray(y, jnp.int32))

@@ -12,7 +12,7 @@ are initialised :math:`\mathcal N(0, 0.02^2)`, the residual output
 projections :math:`\mathcal N(0, 0.02^2 / (2\,\text{depth}))`, as in GPT-2.
 :data:`GPT2_SMALL` is the ``--full`` size (12 layers, width 768, 12 heads,
 context 1024; 256 byte tokens instead of GPT-2's 50,257 BPE tokens, see
-:mod:`gradhpo.text`); :data:`SMALL` and :data:`TINY` run on a CPU.
+``examples/text_utils.py``); :data:`SMALL` and :data:`TINY` run on a CPU.
 
 **Hyperparameters** :math:`\psi` (the hyperparameter pytree, in the
 coordinates :class:`~gradhpo.integrations.optuna.OptunaWarmStart` hands
@@ -273,7 +273,7 @@ def perplexity(logits: jax.Array, targets: jax.Array,
 def make_nll_sum(config: LMConfig):
     """A jitted ``(params, windows, mask) -> (sum of NLL, token count)`` over
     batches of evaluation windows (``windows`` ``(M, B, T + 1)``, ``mask``
-    ``(M, B, T)``, from :func:`gradhpo.text.eval_windows`); a ``lax.scan``
+    ``(M, B, T)``, from :func:`text_utils.eval_windows`); a ``lax.scan``
     over the ``M`` batches."""
     _, _, logits = make_losses(config)
 
@@ -299,7 +299,7 @@ def corpus_perplexity(nll_sum, params, windows, mask) -> float:
     Args:
       nll_sum: from :func:`make_nll_sum`.
       params: the model's parameters.
-      windows, mask: :func:`gradhpo.text.eval_windows` of the split.
+      windows, mask: :func:`text_utils.eval_windows` of the split.
     """
     total, count = jax.device_get(nll_sum(params, windows, mask))
     mean = float(total) / float(count)

@@ -99,7 +99,7 @@ which needs a GPU to finish in hours rather than weeks.
 transformer LM (``examples/lm.py``: learned positions, pre-LayerNorm,
 causal self-attention, tied embeddings; 2 layers, width 64, 4 heads,
 context 64 by default, GPT-2-small's 12 / 768 / 12 / 1024 with ``--full``)
-over byte tokens (vocabulary 256, :mod:`gradhpo.text`), trained with AdamW.
+over byte tokens (vocabulary 256, ``text_utils.py``), trained with AdamW.
 :math:`\psi` = log learning rate, log (decoupled) weight decay, label
 smoothing and the embedding-noise level (Gaussian noise on the input
 embeddings from a key carried in the batch: differentiable and
@@ -163,7 +163,6 @@ from jax import lax
 from tqdm import tqdm
 
 import gradhpo as gh
-from gradhpo import datasets, text
 from gradhpo.integrations.optuna import OptunaWarmStart
 from gradhpo.integrations.pasha import (PASHADecision, PASHAPruner,
                                         pasha_best_trial)
@@ -171,7 +170,9 @@ from gradhpo.utils import gradients as gr
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import data_utils  # noqa: E402  (the examples' data loaders)
 import lm  # noqa: E402  (the sibling example: the transformer LM)
+import text_utils  # noqa: E402  (the examples' text corpora)
 
 lm_defaults = lm.SMALL
 #: --task language: default target validation perplexity (byte level) of
@@ -236,12 +237,12 @@ def mlp_task(args):
     built once (compiled once for all seeds and variants); ``for_seed``
     gives a seed's initial weights, data order and warm-start batches."""
     if args.data_dir:
-        splits = datasets.load_mnist_splits(args.data_dir, seed=args.seed)
+        splits = data_utils.load_mnist_splits(args.data_dir, seed=args.seed)
     else:
-        splits = datasets.load_digits_splits(seed=args.seed)
+        splits = data_utils.load_digits_splits(seed=args.seed)
     (xtr, ytr), (xva, yva), (xte, yte) = splits.train, splits.val, splits.test
     flat = [x.reshape(len(x), -1).astype(np.float32) for x in (xtr, xva, xte)]
-    xtr, xva, xte = datasets.standardize(*flat)
+    xtr, xva, xte = data_utils.standardize(*flat)
     if args.max_train:
         xtr, ytr = xtr[:args.max_train], ytr[:args.max_train]
     ytr, noise_note = noisy_labels(ytr, args)
@@ -312,15 +313,15 @@ def mlp_task(args):
 
 def noisy_labels(labels, args):
     """``--label-noise``: exactly ``round(f N)`` training labels replaced by
-    a different random class (:func:`gradhpo.text.corrupt_tokens` with the
+    a different random class (:func:`text_utils.corrupt_tokens` with the
     classes as the vocabulary), seeded by ``--seed``, so every variant and
     paired seed trains on the same corrupted labels. Returns ``(labels,
     note)``."""
     if not args.label_noise:
         return labels, ""
     labels = np.asarray(labels)
-    noisy, mask = text.corrupt_tokens(labels, args.label_noise, args.seed,
-                                      vocab_size=int(labels.max()) + 1)
+    noisy, mask = text_utils.corrupt_tokens(
+        labels, args.label_noise, args.seed, vocab_size=int(labels.max()) + 1)
     return noisy.astype(labels.dtype), (
         f"label noise: {int(mask.sum())} of {len(labels)} training labels "
         f"({args.label_noise:.0%}) replaced by a different random class "
@@ -330,10 +331,10 @@ def noisy_labels(labels, args):
 def load_text(args):
     """The corpus of --task language and whether it is the embedded one."""
     if args.data_dir:
-        return text.load_wikitext103(args.data_dir), False
+        return text_utils.load_wikitext103(args.data_dir), False
     if args.text:
-        return text.load_text_file(args.text), False
-    return text.load_embedded(), True
+        return text_utils.load_text_file(args.text), False
+    return text_utils.load_embedded(), True
 
 
 def lm_task(args):
@@ -348,18 +349,19 @@ def lm_task(args):
     notes = []
     train_tokens = splits.train
     if args.token_noise:
-        train_tokens, mask = text.corrupt_tokens(
+        train_tokens, mask = text_utils.corrupt_tokens(
             train_tokens, args.token_noise, seed=args.seed)
         notes.append(
             f"token noise: {int(mask.sum()):,} of {len(mask):,} training "
             f"tokens ({args.token_noise:.0%}) replaced by a different random "
             f"byte (seed {args.seed}); validation, test and OOD text clean.")
-    ood, ood_source = text.out_of_domain(embedded, args.ood_tokens or None)
+    ood, ood_source = text_utils.out_of_domain(embedded,
+                                               args.ood_tokens or None)
     notes.append(f"OOD text: {ood_source}.")
     evals = 8 if args.full else 4096 // ctx     # windows per eval batch
     val_tokens = splits.val[:args.eval_tokens or None]
     val_w, test_w, ood_w = (
-        tuple(map(jnp.asarray, text.eval_windows(t, ctx, evals)))
+        tuple(map(jnp.asarray, text_utils.eval_windows(t, ctx, evals)))
         for t in (val_tokens, splits.test, ood))
     train_loss, val_loss, _ = lm.make_losses(config)
     inner = lm.inner_optimizer()
@@ -382,23 +384,24 @@ def lm_task(args):
 
     def for_seed(seed):
         params0 = lm.init_params(config, seed)
-        starts = text.window_starts(
+        starts = text_utils.window_starts(
             len(train_tokens), ctx, args.batch_size,
             args.max_reports * steps, sub_seed(seed, 0))
         key = jax.random.PRNGKey(sub_seed(seed, 2))   # embedding noise
-        first = text.take_windows(train_tokens, starts[:args.lookahead], ctx)
+        first = text_utils.take_windows(train_tokens,
+                                        starts[:args.lookahead], ctx)
         ws_train = {"tokens": jnp.asarray(first), "key": jax.vmap(
             lambda i: jax.random.fold_in(key, i))(
                 jnp.arange(args.lookahead))}
         if args.lookahead == 1:
             ws_train = jax.tree.map(lambda x: x[0], ws_train)
-        v = text.window_starts(len(splits.val), ctx, args.batch_size, 1,
-                               sub_seed(seed, 1))[0]
-        ws_val = {"tokens": jnp.asarray(text.take_windows(splits.val, v,
-                                                          ctx))}
+        v = text_utils.window_starts(len(splits.val), ctx, args.batch_size,
+                                     1, sub_seed(seed, 1))[0]
+        ws_val = {"tokens": jnp.asarray(
+            text_utils.take_windows(splits.val, v, ctx))}
 
         def chunk(params, opt_state, hp, r):
-            windows = text.take_windows(
+            windows = text_utils.take_windows(
                 train_tokens, starts[r * steps:(r + 1) * steps], ctx)
             return train_chunk(params, opt_state, hp, jnp.asarray(windows),
                                key, jnp.int32(r * steps))
@@ -410,8 +413,8 @@ def lm_task(args):
             f"{lm.parameter_count(lm.init_params(config, 0)):,} parameters")
     return types.SimpleNamespace(
         name=f"{splits.source}\ndecoder-only transformer: {size}; byte "
-        f"tokens (vocabulary {text.VOCAB_SIZE}); validation perplexity on "
-        f"{len(val_tokens):,} tokens per report",
+        f"tokens (vocabulary {text_utils.VOCAB_SIZE}); validation "
+        f"perplexity on {len(val_tokens):,} tokens per report",
         note="\n".join(notes), train_loss=train_loss, val_loss=val_loss,
         inner=inner, steps_per_report=steps,
         val_metric=lambda p: ppl(p, val_w),

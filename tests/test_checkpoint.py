@@ -1,5 +1,6 @@
 """Atomic checkpoints: bit-exact round trips, clear errors, crash safety."""
 
+import json
 import os
 
 import chex
@@ -27,7 +28,7 @@ def _trained_state(steps=3, seed=0):
 
 def test_round_trip_is_bit_exact(tmp_path):
     _, state = _trained_state()
-    state = state.replace(extra={"key": jax.random.PRNGKey(3),
+    state = state.replace(algorithm_state={"key": jax.random.PRNGKey(3),
                                  "typed_key": jax.random.key(4),
                                  "half": jnp.arange(3, dtype=jnp.bfloat16)})
     path = tmp_path / "ckpt.npz"
@@ -41,8 +42,8 @@ def test_round_trip_is_bit_exact(tmp_path):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
     # a restored typed key draws the same numbers
     np.testing.assert_array_equal(
-        jax.random.normal(restored.extra["typed_key"], (3,)),
-        jax.random.normal(state.extra["typed_key"], (3,)))
+        jax.random.normal(restored.algorithm_state["typed_key"], (3,)),
+        jax.random.normal(state.algorithm_state["typed_key"], (3,)))
 
 
 def test_continuing_from_a_checkpoint_matches_an_uninterrupted_run(tmp_path):
@@ -117,3 +118,22 @@ def test_crash_before_rename_keeps_the_previous_checkpoint(tmp_path,
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == ["ckpt.npz"]   # no temp left
     chex.assert_trees_all_equal(gh.load_state(path, like=old), old)
+
+
+def test_format_one_files_are_refused_with_a_reason(tmp_path):
+    """Checkpoints of gradhpo 0.1 kept algorithm arrays in a dict; they are
+    refused with a message that says so, not misread."""
+    _, state = _trained_state(steps=1)
+    path = tmp_path / "old.npz"
+    gh.save_state(path, state)
+    with np.load(path) as npz:
+        arrays = dict(npz)
+    header = json.loads(arrays["__gradhpo_header__"].tobytes().decode())
+    header["format_version"] = 1
+    arrays["__gradhpo_header__"] = np.frombuffer(
+        json.dumps(header).encode(), np.uint8)
+    np.savez(path, **arrays)
+    with pytest.raises(ValueError, match=r"written by gradhpo 0.1 "
+                       r"\(checkpoint format 1\).*BilevelState.extra.*"
+                       r"start from a new init"):
+        gh.load_state(path, like=state)

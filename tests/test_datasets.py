@@ -1,4 +1,5 @@
-"""Data loaders: MNIST IDX, CIFAR-10 batches, splits, batching, downloads.
+"""Data loaders of the examples (examples/data_utils.py): MNIST IDX,
+CIFAR-10 batches, splits, batching, downloads.
 
 The real MNIST test files come from ``../shared/data/mnist`` (skipped when
 absent); every other file is written here, byte by byte from the format
@@ -6,8 +7,10 @@ specifications, so the loaders are checked against an independent
 construction. Nothing touches the network (downloads use ``file://`` URLs).
 """
 
+import doctest
 import gzip
 import hashlib
+import importlib
 import io
 import itertools
 import logging
@@ -15,12 +18,16 @@ import os
 import pathlib
 import pickle
 import struct
+import sys
 import tarfile
 
 import numpy as np
 import pytest
 
-from gradhpo import datasets
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+import data_utils  # noqa: E402
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 MNIST_DIR = SHARED_DATA / "mnist"
@@ -95,7 +102,7 @@ def legacy_pickle(obj):
 def cifar_dir(tmp_path):
     """5 training batches of 2 images and a test batch of 3, nested in
     cifar-10-batches-py; data_batch_2 is written the legacy way."""
-    root = tmp_path / "cifar" / datasets.CIFAR10_DIRNAME
+    root = tmp_path / "cifar" / data_utils.CIFAR10_DIRNAME
     root.mkdir(parents=True)
     for b in range(5):
         batch = cifar_batch_dict(2 * b, 2, [(2 * b) % 10, (2 * b + 1) % 10])
@@ -117,14 +124,14 @@ def md5_of(path):
 def test_shared_mnist_files_match_readme_checksums():
     for name, md5 in README_MD5.items():
         assert md5_of(MNIST_DIR / name) == md5
-        assert datasets.MNIST_MD5[name] == md5
+        assert data_utils.MNIST_MD5[name] == md5
     assert all(md5 in (SHARED_DATA / "README.md").read_text()
                for md5 in README_MD5.values())
 
 
 @needs_mnist
 def test_load_real_mnist_test_set():
-    images, labels = datasets.load_mnist(MNIST_DIR, split="test")
+    images, labels = data_utils.load_mnist(MNIST_DIR, split="test")
     assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
     assert labels.shape == (10000,) and labels.dtype == np.int64
     assert labels.min() == 0 and labels.max() == 9
@@ -137,13 +144,13 @@ def test_load_real_mnist_test_set():
     np.testing.assert_array_equal(images[0], first)
     assert int(images[0].sum()) == 18454
     with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
-        datasets.load_mnist(MNIST_DIR, split="train")
+        data_utils.load_mnist(MNIST_DIR, split="train")
 
 
 @needs_mnist
 def test_real_mnist_test_only_split_says_so(caplog):
-    with caplog.at_level(logging.WARNING, logger="gradhpo.datasets"):
-        s = datasets.load_mnist_splits(MNIST_DIR, seed=3)
+    with caplog.at_level(logging.WARNING, logger=data_utils.logger.name):
+        s = data_utils.load_mnist_splits(MNIST_DIR, seed=3)
     assert s.test_only
     assert "Only the MNIST test files" in s.note and "7000 train" in s.note
     assert any("Only the MNIST test files" in r.getMessage()
@@ -165,7 +172,7 @@ def test_real_mnist_test_only_split_says_so(caplog):
 def test_load_mnist_small_files(tmp_path, gz):
     images, labels = small_mnist(12, seed=0)
     write_mnist(tmp_path, "t10k", images, labels, gz=gz)
-    x, y = datasets.load_mnist(tmp_path, split="test")
+    x, y = data_utils.load_mnist(tmp_path, split="test")
     np.testing.assert_array_equal(x, images)
     np.testing.assert_array_equal(y, labels)
     assert x.dtype == np.uint8 and y.dtype == np.int64
@@ -181,7 +188,7 @@ def test_read_idx_every_type(tmp_path, code, dtype, gz):
         values = values + 0.25
     payload = values.astype(dtype).tobytes()
     path = write(tmp_path / "a.idx", idx_bytes(code, (2, 3), payload), gz)
-    out = datasets.read_idx(path)
+    out = data_utils.read_idx(path)
     assert out.shape == (2, 3) and out.dtype.isnative
     assert out.dtype == np.dtype(dtype).newbyteorder("=")
     np.testing.assert_array_equal(out, values)
@@ -192,7 +199,7 @@ def test_read_idx_rejects_unknown_type_code(tmp_path):
     path.write_bytes(idx_bytes(0x0A, (1,), b"\x00"))
     with pytest.raises(ValueError, match="bad IDX magic.*bad.idx|bad.idx.*"
                                          "bad IDX magic"):
-        datasets.read_idx(path)
+        data_utils.read_idx(path)
 
 
 def test_mnist_corrupt_magic_names_file(tmp_path):
@@ -202,7 +209,7 @@ def test_mnist_corrupt_magic_names_file(tmp_path):
     bad = write(tmp_path / "t10k-images-idx3-ubyte",
                 idx_bytes(0x08, (4 * 28 * 28,), images.tobytes()), True)
     with pytest.raises(ValueError) as err:
-        datasets.load_mnist(tmp_path, "test")
+        data_utils.load_mnist(tmp_path, "test")
     assert str(bad) in str(err.value) and "2051" in str(err.value)
 
 
@@ -212,7 +219,7 @@ def test_mnist_truncated_data_names_file(tmp_path):
     path = tmp_path / "t10k-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(ValueError, match="truncated") as err:
-        datasets.load_mnist(tmp_path, "test")
+        data_utils.load_mnist(tmp_path, "test")
     assert str(path) in str(err.value) and "3136" in str(err.value)
 
 
@@ -220,17 +227,17 @@ def test_mnist_trailing_bytes_and_truncated_header(tmp_path):
     path = tmp_path / "x.idx"
     path.write_bytes(idx_bytes(0x08, (2,), b"\x01\x02\x03"))
     with pytest.raises(ValueError, match="trailing bytes"):
-        datasets.read_idx(path)
+        data_utils.read_idx(path)
     path.write_bytes(bytes([0, 0, 8, 3, 0, 0]))
     with pytest.raises(ValueError, match="truncated IDX header"):
-        datasets.read_idx(path)
+        data_utils.read_idx(path)
 
 
 def test_mnist_count_mismatch_names_both_files(tmp_path):
     images, labels = small_mnist(5, seed=3)
     write_mnist(tmp_path, "t10k", images, labels[:4])
     with pytest.raises(ValueError, match="5 images.*4 labels") as err:
-        datasets.load_mnist(tmp_path, "test")
+        data_utils.load_mnist(tmp_path, "test")
     assert "t10k-images-idx3-ubyte.gz" in str(err.value)
     assert "t10k-labels-idx1-ubyte.gz" in str(err.value)
 
@@ -241,15 +248,15 @@ def test_mnist_corrupt_gzip_and_missing_files(tmp_path):
     path = tmp_path / "t10k-labels-idx1-ubyte.gz"
     path.write_bytes(path.read_bytes()[:-6])
     with pytest.raises(ValueError, match="corrupt gzip") as err:
-        datasets.load_mnist(tmp_path, "test")
+        data_utils.load_mnist(tmp_path, "test")
     assert str(path) in str(err.value)
     path.unlink()
     with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte"):
-        datasets.load_mnist(tmp_path, "test")
+        data_utils.load_mnist(tmp_path, "test")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        datasets.load_mnist(tmp_path / "nowhere", "test")
+        data_utils.load_mnist(tmp_path / "nowhere", "test")
     with pytest.raises(ValueError, match="split must be one of"):
-        datasets.load_mnist(tmp_path, "validation")
+        data_utils.load_mnist(tmp_path, "validation")
 
 
 def test_full_mnist_splits_train_and_keeps_t10k_as_test(tmp_path):
@@ -257,7 +264,7 @@ def test_full_mnist_splits_train_and_keeps_t10k_as_test(tmp_path):
     test = small_mnist(20, seed=6)
     write_mnist(tmp_path, "train", *train)
     write_mnist(tmp_path, "t10k", *test, gz=False)
-    s = datasets.load_mnist_splits(tmp_path, val_fraction=0.2, seed=0)
+    s = data_utils.load_mnist_splits(tmp_path, val_fraction=0.2, seed=0)
     assert not s.test_only and s.note == ""
     np.testing.assert_array_equal(s.test[0], test[0])
     assert len(s.train[1]) == 48 and len(s.val[1]) == 12
@@ -269,49 +276,49 @@ def test_full_mnist_splits_train_and_keeps_t10k_as_test(tmp_path):
 def test_test_only_split_on_small_files(tmp_path, caplog):
     images, labels = small_mnist(100, seed=7)
     write_mnist(tmp_path, "t10k", images, labels)
-    with caplog.at_level(logging.WARNING, logger="gradhpo.datasets"):
-        s = datasets.load_mnist_splits(tmp_path, val_fraction=0.1,
-                                       test_fraction=0.3, seed=1)
+    with caplog.at_level(logging.WARNING, logger=data_utils.logger.name):
+        s = data_utils.load_mnist_splits(tmp_path, val_fraction=0.1,
+                                         test_fraction=0.3, seed=1)
     assert s.test_only and "60 train / 10 validation / 30 test" in s.note
     assert caplog.records and s.note == caplog.records[-1].getMessage()
     with pytest.raises(ValueError, match="test_fraction"):
-        datasets.load_mnist_splits(tmp_path, test_fraction=0.0)
+        data_utils.load_mnist_splits(tmp_path, test_fraction=0.0)
 
 
 # -- splits -------------------------------------------------------------------
 
 def test_split_indices_partition_sizes_determinism_strata():
     labels = np.repeat(np.arange(5), [40, 30, 20, 6, 4])  # N = 100
-    tr, va, te = datasets.split_indices(labels, 0.15, 0.25, seed=11)
+    tr, va, te = data_utils.split_indices(labels, 0.15, 0.25, seed=11)
     assert (len(tr), len(va), len(te)) == (60, 15, 25)
     assert sorted(np.concatenate([tr, va, te]).tolist()) == list(range(100))
     for part, size in ((tr, 60), (va, 15), (te, 25)):
         counts = np.bincount(labels[part], minlength=5)
         assert np.all(np.abs(counts - np.array([40, 30, 20, 6, 4]) * size
                              / 100) <= 2)
-    again = datasets.split_indices(labels, 0.15, 0.25, seed=11)
+    again = data_utils.split_indices(labels, 0.15, 0.25, seed=11)
     assert all(np.array_equal(a, b) for a, b in zip((tr, va, te), again))
-    other = datasets.split_indices(labels, 0.15, 0.25, seed=12)
+    other = data_utils.split_indices(labels, 0.15, 0.25, seed=12)
     assert not np.array_equal(te, other[2])
-    plain = datasets.split_indices(labels, 0.15, 0.25, seed=11,
-                                   stratify=False)
+    plain = data_utils.split_indices(labels, 0.15, 0.25, seed=11,
+                                     stratify=False)
     assert [len(p) for p in plain] == [60, 15, 25]
     assert len(set(np.concatenate(plain).tolist())) == 100
 
 
 def test_split_indices_rejects_bad_fractions():
     with pytest.raises(ValueError, match="val_fraction"):
-        datasets.split_indices(np.zeros(10), 1.0, 0.0, seed=0)
+        data_utils.split_indices(np.zeros(10), 1.0, 0.0, seed=0)
     with pytest.raises(ValueError, match="at least one training"):
-        datasets.split_indices(np.zeros(10), 0.5, 0.5, seed=0)
+        data_utils.split_indices(np.zeros(10), 0.5, 0.5, seed=0)
     with pytest.raises(TypeError, match="seed"):
-        datasets.split_indices(np.zeros(10), 0.1, 0.1, seed=0.5)
+        data_utils.split_indices(np.zeros(10), 0.1, 0.1, seed=0.5)
 
 
 def test_digits_splits():
-    s = datasets.load_digits_splits(seed=0)
-    a = datasets.load_digits_splits(seed=0)
-    b = datasets.load_digits_splits(seed=1)
+    s = data_utils.load_digits_splits(seed=0)
+    a = data_utils.load_digits_splits(seed=0)
+    b = data_utils.load_digits_splits(seed=1)
     assert [len(p[1]) for p in s[:3]] == [1079, 359, 359]
     assert s.train[0].shape[1:] == (8, 8) and s.train[0].dtype == np.float32
     assert s.note == "" and not s.test_only and "digits" in s.source
@@ -330,12 +337,12 @@ def test_digits_splits():
 @pytest.mark.parametrize("nested", [True, False])
 def test_cifar10_layout_pixel_by_pixel(cifar_dir, nested):
     where = cifar_dir.parent if nested else cifar_dir
-    x, y = datasets.load_cifar10(where, "train")
+    x, y = data_utils.load_cifar10(where, "train")
     assert x.shape == (10, 32, 32, 3) and x.dtype == np.uint8
     assert y.tolist() == list(range(10)) and y.dtype == np.int64
     n, r, c, ch = np.indices(x.shape)
     np.testing.assert_array_equal(x, pixel(n, r, c, ch))
-    xt, yt = datasets.load_cifar10(where, "test")
+    xt, yt = data_utils.load_cifar10(where, "test")
     n, r, c, ch = np.indices(xt.shape)
     np.testing.assert_array_equal(xt, pixel(n + 100, r, c, ch))
     assert yt.tolist() == [9, 0, 4]
@@ -343,7 +350,7 @@ def test_cifar10_layout_pixel_by_pixel(cifar_dir, nested):
 
 
 def test_cifar10_splits(cifar_dir):
-    s = datasets.load_cifar10_splits(cifar_dir, val_fraction=0.2, seed=0)
+    s = data_utils.load_cifar10_splits(cifar_dir, val_fraction=0.2, seed=0)
     assert [len(p[1]) for p in s[:3]] == [8, 2, 3]
     assert sorted(np.concatenate([s.train[1], s.val[1]]).tolist()) == list(
         range(10))
@@ -352,22 +359,22 @@ def test_cifar10_splits(cifar_dir):
 def test_cifar10_missing_and_corrupt_batches(cifar_dir, tmp_path):
     (cifar_dir / "data_batch_3").unlink()
     with pytest.raises(FileNotFoundError, match="data_batch_3"):
-        datasets.load_cifar10(cifar_dir, "train")
+        data_utils.load_cifar10(cifar_dir, "train")
     path = cifar_dir / "data_batch_4"
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match="data_batch_4"):
-        datasets.read_cifar10_batch(path)
+        data_utils.read_cifar10_batch(path)
     path.write_bytes(pickle.dumps({b"data": np.zeros((2, 3000), np.uint8),
                                    b"labels": [0, 1]}))
     with pytest.raises(ValueError, match=r"shape \(N, 3072\)"):
-        datasets.read_cifar10_batch(path)
+        data_utils.read_cifar10_batch(path)
     path.write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8),
                                    b"labels": [0]}))
     with pytest.raises(ValueError, match="labels"):
-        datasets.read_cifar10_batch(path)
+        data_utils.read_cifar10_batch(path)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
-        datasets.load_cifar10(tmp_path / "empty")
+        data_utils.load_cifar10(tmp_path / "empty")
 
 
 class _Evil:
@@ -384,7 +391,7 @@ def test_cifar10_unpickler_refuses_other_globals(tmp_path):
     path.write_bytes(pickle.dumps({b"data": np.zeros((1, 3072), np.uint8),
                                    b"labels": [0], b"x": _Evil(str(target))}))
     with pytest.raises(ValueError, match="refusing to unpickle"):
-        datasets.read_cifar10_batch(path)
+        data_utils.read_cifar10_batch(path)
     assert not target.exists()
 
 
@@ -393,33 +400,33 @@ def test_cifar10_unpickler_refuses_other_globals(tmp_path):
 def test_standardize_uses_train_statistics():
     train = np.array([[1.0, 5.0], [3.0, 5.0]])
     other = np.array([[5.0, 7.0]])
-    a, b = datasets.standardize(train, other)
+    a, b = data_utils.standardize(train, other)
     # mean (2, 5), std (1, 0 -> 1)
     np.testing.assert_allclose(a, [[-1.0, 0.0], [1.0, 0.0]])
     np.testing.assert_allclose(b, [[3.0, 2.0]])
     assert a.dtype == np.float64
-    (u,) = datasets.standardize(np.arange(6, dtype=np.uint8).reshape(3, 2))
+    (u,) = data_utils.standardize(np.arange(6, dtype=np.uint8).reshape(3, 2))
     assert u.dtype == np.float32
     np.testing.assert_allclose(u.mean(0), 0.0, atol=1e-6)
     np.testing.assert_allclose(u.std(0), 1.0, rtol=1e-6)
     with pytest.raises(ValueError, match="feature shape"):
-        datasets.standardize(train, np.zeros((1, 3)))
+        data_utils.standardize(train, np.zeros((1, 3)))
 
 
 def test_one_hot():
-    out = datasets.one_hot(np.array([[1, 0], [2, 1]]), 3)
+    out = data_utils.one_hot(np.array([[1, 0], [2, 1]]), 3)
     assert out.shape == (2, 2, 3) and out.dtype == np.float32
     np.testing.assert_array_equal(out.argmax(-1), [[1, 0], [2, 1]])
     assert out.sum() == 4
-    assert datasets.one_hot(np.array([0, 3])).shape == (2, 4)
+    assert data_utils.one_hot(np.array([0, 3])).shape == (2, 4)
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
-        datasets.one_hot(np.array([3]), 3)
+        data_utils.one_hot(np.array([3]), 3)
 
 
 def test_batches_fixed_size_epochs_and_determinism():
     x = np.arange(10) * 10
     y = np.arange(10)
-    got = list(datasets.batches(x, y, 3, seed=4, epochs=2))
+    got = list(data_utils.batches(x, y, 3, seed=4, epochs=2))
     assert len(got) == 6  # 3 per epoch, remainder of 1 dropped
     assert all(xb.shape == (3,) and yb.shape == (3,) for xb, yb in got)
     assert all(np.array_equal(xb, yb * 10) for xb, yb in got)
@@ -428,14 +435,14 @@ def test_batches_fixed_size_epochs_and_determinism():
         assert len(set(seen.tolist())) == 9  # no repeats within an epoch
     assert not np.array_equal(np.concatenate([b for _, b in got[:3]]),
                               np.concatenate([b for _, b in got[3:]]))
-    again = list(datasets.batches(x, y, 3, seed=4, epochs=2))
+    again = list(data_utils.batches(x, y, 3, seed=4, epochs=2))
     assert all(np.array_equal(a[1], b[1]) for a, b in zip(got, again))
-    forever = datasets.batches(x, y, 5, seed=0)
+    forever = data_utils.batches(x, y, 5, seed=0)
     assert len(list(itertools.islice(forever, 7))) == 7
     with pytest.raises(ValueError, match="batch_size"):
-        datasets.batches(x, y, 11, seed=0)
+        data_utils.batches(x, y, 11, seed=0)
     with pytest.raises(ValueError, match="same first axis"):
-        datasets.batches(x, y[:5], 2, seed=0)
+        data_utils.batches(x, y[:5], 2, seed=0)
 
 
 # -- downloads (file:// only) -------------------------------------------------
@@ -445,18 +452,18 @@ def test_download_file_verifies_md5(tmp_path):
     src.write_bytes(b"hello gradhpo" * 100)
     good = md5_of(src)
     dest = tmp_path / "out" / "file.bin"
-    assert datasets.download_file(src.as_uri(), dest, good) == dest
+    assert data_utils.download_file(src.as_uri(), dest, good) == dest
     assert dest.read_bytes() == src.read_bytes()
     # Present with the right md5: kept, the URL is not opened.
-    datasets.download_file((tmp_path / "absent").as_uri(), dest, good)
+    data_utils.download_file((tmp_path / "absent").as_uri(), dest, good)
     bad_dest = tmp_path / "out" / "bad.bin"
     with pytest.raises(ValueError, match="checksum mismatch") as err:
-        datasets.download_file(src.as_uri(), bad_dest, "0" * 32)
+        data_utils.download_file(src.as_uri(), bad_dest, "0" * 32)
     assert good in str(err.value)
     assert not bad_dest.exists()
     assert list((tmp_path / "out").iterdir()) == [dest]  # no .part left
     with pytest.raises(ValueError, match="32-digit hex"):
-        datasets.download_file(src.as_uri(), bad_dest, "abc")
+        data_utils.download_file(src.as_uri(), bad_dest, "abc")
 
 
 def test_download_mnist_with_file_urls(tmp_path):
@@ -465,30 +472,30 @@ def test_download_mnist_with_file_urls(tmp_path):
     names = ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
     urls = {n: (tmp_path / n).as_uri() for n in names}
     md5 = {n: md5_of(tmp_path / n) for n in names}
-    out = datasets.download_mnist(tmp_path / "dl", urls=urls, md5=md5)
-    x, y = datasets.load_mnist(out, "test")
+    out = data_utils.download_mnist(tmp_path / "dl", urls=urls, md5=md5)
+    x, y = data_utils.load_mnist(out, "test")
     np.testing.assert_array_equal(x, images)
     # The published md5s refuse these files.
     with pytest.raises(ValueError, match="checksum mismatch"):
-        datasets.download_mnist(tmp_path / "dl2", urls=urls)
+        data_utils.download_mnist(tmp_path / "dl2", urls=urls)
     assert not any((tmp_path / "dl2").iterdir())
     with pytest.raises(ValueError, match="no checksum"):
-        datasets.download_mnist(tmp_path / "dl3", urls={"x.gz": "file:///x"},
-                                md5={})
+        data_utils.download_mnist(tmp_path / "dl3", urls={"x.gz": "file:///x"},
+                                  md5={})
 
 
 def test_download_cifar10_with_file_url(tmp_path, cifar_dir):
     tar_path = tmp_path / "made.tar.gz"
     with tarfile.open(tar_path, "w:gz") as tar:
-        tar.add(cifar_dir, arcname=datasets.CIFAR10_DIRNAME)
+        tar.add(cifar_dir, arcname=data_utils.CIFAR10_DIRNAME)
     dest = tmp_path / "dl"
-    root = datasets.download_cifar10(dest, url=tar_path.as_uri(),
-                                     md5=md5_of(tar_path))
-    assert root == dest / datasets.CIFAR10_DIRNAME
-    x, _ = datasets.load_cifar10(dest)
-    np.testing.assert_array_equal(x, datasets.load_cifar10(cifar_dir)[0])
+    root = data_utils.download_cifar10(dest, url=tar_path.as_uri(),
+                                       md5=md5_of(tar_path))
+    assert root == dest / data_utils.CIFAR10_DIRNAME
+    x, _ = data_utils.load_cifar10(dest)
+    np.testing.assert_array_equal(x, data_utils.load_cifar10(cifar_dir)[0])
     with pytest.raises(ValueError, match="checksum mismatch"):
-        datasets.download_cifar10(tmp_path / "dl2", url=tar_path.as_uri())
+        data_utils.download_cifar10(tmp_path / "dl2", url=tar_path.as_uri())
     assert not any((tmp_path / "dl2").iterdir())
 
 
@@ -499,6 +506,19 @@ def test_download_cifar10_refuses_unsafe_members(tmp_path):
         info.size = 2
         tar.addfile(info, io.BytesIO(b"hi"))
     with pytest.raises(ValueError, match="refusing to extract"):
-        datasets.download_cifar10(tmp_path / "dl", url=tar_path.as_uri(),
-                                  md5=md5_of(tar_path))
+        data_utils.download_cifar10(tmp_path / "dl", url=tar_path.as_uri(),
+                                    md5=md5_of(tar_path))
     assert not (tmp_path / "escape.txt").exists()
+
+
+# -- doctests of the examples' support modules --------------------------------
+
+@pytest.mark.parametrize("name", ["data_utils", "text_utils"])
+def test_support_module_doctests(name):
+    """The examples' data modules live outside the package, so pytest's
+    ``--doctest-modules`` (``testpaths = tests gradhpo``) does not collect
+    them: run their docstring examples here."""
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0, f"{name} has no doctests"
+    assert result.failed == 0, f"{result.failed} doctest(s) of {name} failed"

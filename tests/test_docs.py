@@ -73,7 +73,7 @@ def test_html_build_fills_in_generated_pages(html):
     else:
         assert "Not yet measured" in bench
     for module in ("gradhpo.utils.gradients", "gradhpo.utils.tree",
-                   "gradhpo.utils.validation", "gradhpo.core.types"):
+                   "gradhpo.utils.validation", "gradhpo.utils.types"):
         assert (html / "api" / "generated" / f"{module}.html").is_file()
 
 

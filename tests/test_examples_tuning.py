@@ -142,8 +142,8 @@ def test_hyper_cleaning_corrupts_the_loaded_training_labels():
     from the clean ones, and the batch indices address the examples."""
     args = hyper_cleaning.parse_args(["--quick", "--out", "unused"])
     train, val, test, corrupted = hyper_cleaning.load(args)
-    from gradhpo import datasets
-    clean = datasets.load_digits_splits(seed=args.seed).train[1][:500]
+    import data_utils
+    clean = data_utils.load_digits_splits(seed=args.seed).train[1][:500]
     np.testing.assert_array_equal(np.asarray(train[1]) != clean, corrupted)
     assert corrupted.sum() == 150
     np.testing.assert_array_equal(train[2], np.arange(500))

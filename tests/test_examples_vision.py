@@ -13,13 +13,13 @@ import optax
 import pytest
 
 import gradhpo as gh
-from gradhpo import datasets
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
 import augmentation  # noqa: E402
 import cifar10  # noqa: E402
+import data_utils  # noqa: E402
 
 
 def _finite(rows, keys):
@@ -160,10 +160,10 @@ def test_cifar10_example_quick(tmp_path, capsys):
     for name in ("val_loss.png", "hyperparameters.png"):
         assert (tmp_path / name).stat().st_size > 0
     # the generated files are real CIFAR-10 python batches
-    x, y = datasets.load_cifar10(results["data_dir"], "train")
+    x, y = data_utils.load_cifar10(results["data_dir"], "train")
     assert x.shape == (300, 32, 32, 3) and x.dtype == np.uint8
     assert y.shape == (300,) and set(np.unique(y)) <= set(range(10))
-    xt, _ = datasets.load_cifar10(results["data_dir"], "test")
+    xt, _ = data_utils.load_cifar10(results["data_dir"], "test")
     assert xt.shape == (100, 32, 32, 3)
 
     assert [r["method"] for r in rows] == ["untuned", "T1-T2"]

@@ -67,16 +67,16 @@ def test_t7_w_star_by_the_step_equals_weighted_average(x64, gamma):
     ws = np.array([[1., 0.], [0., 1.], [2., 2.], [-1., 3.]])
     opt = HyperDistill(_zero_loss, _zero_loss, optax.sgd(0.1),
                        optax.sgd(0.0), gamma=gamma)
-    state = opt.init(jnp.zeros(2), jnp.array(1.0))
+    state = opt.init(jnp.zeros(2), jnp.array(1.0), batch=None)
     for w in ws:
         state = opt.step(state.replace(params=jnp.asarray(w)), None, None)
     weights = gamma ** np.arange(3, -1, -1.0)
     expected = weights @ ws / weights.sum()
-    np.testing.assert_allclose(state.extra["w_star"], expected, rtol=1e-12)
+    np.testing.assert_allclose(state.algorithm_state.w_star, expected, rtol=1e-12)
     if gamma == 0.9:
         np.testing.assert_allclose(
             expected, [0.444605990113, 1.631288165164], rtol=1e-11)
-    assert int(state.extra["episode_step"]) == 4
+    assert int(state.algorithm_state.episode_step) == 4
 
 
 # -- T8 / T9: exactness when A = gamma I and B is affine in w -----------------
@@ -110,7 +110,7 @@ def test_t8_exact_values(x64):
     train_loss, val_loss = _t8_losses(1.0)
     opt = HyperDistill(train_loss, val_loss, optax.sgd(0.1),
                        optax.sgd(0.0), gamma=0.9)
-    state = opt.init(jnp.zeros(2), jnp.array([1.0, 2.0]))
+    state = opt.init(jnp.zeros(2), jnp.array([1.0, 2.0]), batch=None)
     expected = {1: [-0.04, -0.03], 3: [-0.062059, 0.011382],
                 5: [-0.0370565599, 0.1306418802]}
     for t in range(1, 6):
@@ -134,11 +134,11 @@ def test_exact_when_a_equals_gamma_identity(x64, gamma, k):
     opt = HyperDistill(train_loss, val_loss, optax.sgd(0.1),
                        optax.sgd(0.0), gamma=gamma, theta=0.3)
     lam, w0 = jnp.array([1.0, 2.0]), jnp.array([0.2, -0.4])
-    state = opt.init(w0, lam)
+    state = opt.init(w0, lam, batch=None)
     fitted = opt.estimate_theta(state, jnp.zeros((5, 1)), None)
-    np.testing.assert_allclose(fitted.metadata["theta"], 1.0, rtol=1e-10)
+    np.testing.assert_allclose(fitted.algorithm_state.theta, 1.0, rtol=1e-10)
     chex.assert_trees_all_equal(fitted.params, state.params)
-    assert not np.array_equal(fitted.extra["key"], state.extra["key"])
+    assert not np.array_equal(fitted.algorithm_state.key, state.algorithm_state.key)
     state = fitted
     for t in range(1, 5):
         h = opt.compute_hypergradient(state, None, None)
@@ -166,7 +166,7 @@ def test_t9_affine_b_and_direct_term(x64):
     opt = HyperDistill(_t9_train, _t9_val, optax.sgd(0.1), optax.sgd(0.0),
                        gamma=0.9)
     w0, lam = jnp.array([0.3, -0.7]), jnp.array([0.5, 0.5])
-    state = opt.init(w0, lam)
+    state = opt.init(w0, lam, batch=None)
     expected = {1: [-0.1184, 0.1126], 2: [-0.313838, 0.136432],
                 4: [-0.64633209, 0.21825499], 6: [-0.91514153, 0.33944027]}
     for t in range(1, 7):
@@ -177,7 +177,7 @@ def test_t9_affine_b_and_direct_term(x64):
             np.testing.assert_allclose(h, expected[t], rtol=2e-6)
         state = opt.step(state, None, None)
         if t == 2:
-            np.testing.assert_allclose(state.extra["w_star"],
+            np.testing.assert_allclose(state.algorithm_state.w_star,
                                        [0.31052632, -0.63684211], rtol=1e-7)
 
 
@@ -202,7 +202,8 @@ def test_gamma_zero_theta_one_equals_t1t2(x64, key):
     t12 = gh.T1T2(pb.mlp_train_loss, pb.mlp_val_loss, inner, optax.sgd(beta))
     state = hd.init(params, hp, batch=batches[0][0])
     for train, val in batches[:5]:
-        expected = t12.compute_hypergradient(state, train, val)
+        expected = t12.compute_hypergradient(
+            state.replace(algorithm_state=gh.T1T2State()), train, val)
         new = hd.step(state, train, val)
         applied = jax.tree.map(lambda a, b: (a - b) / beta,
                                state.hyperparams, new.hyperparams)
@@ -210,7 +211,7 @@ def test_gamma_zero_theta_one_equals_t1t2(x64, key):
                                     atol=1e-13)
         assert float(jax.tree.leaves(expected)[0]) != 0.0
         state = new
-    assert int(state.extra["episode_step"]) == 5
+    assert int(state.algorithm_state.episode_step) == 5
 
 
 def test_d_star_keeps_round_b_p_old_examples(key):
@@ -228,9 +229,9 @@ def test_d_star_keeps_round_b_p_old_examples(key):
                        gamma=0.9)
     state = opt.init(jnp.ones(2), jnp.ones(2), batch=ids[0])
     state = opt.step(state, ids[0], None)
-    np.testing.assert_array_equal(state.extra["d_star"]["x"], ids[0]["x"])
+    np.testing.assert_array_equal(state.algorithm_state.d_star["x"], ids[0]["x"])
     state = opt.step(state, ids[1], None)
-    d = state.extra["d_star"]
+    d = state.algorithm_state.d_star
     np.testing.assert_array_equal(d["x"], d["y"].astype(d["x"].dtype))
     old = np.asarray(d["x"]) < 100
     assert old.sum() == 4
@@ -257,7 +258,7 @@ def _independent_theta(state, batches, val, gamma, eta):
     w0 = state.params
     alpha = jax.grad(pb.mlp_val_loss)(w_t, hp, val)
     flat = lambda tree: jax.flatten_util.ravel_pytree(tree)[0]  # noqa: E731
-    keys = jax.random.split(state.extra["key"], n + 1)
+    keys = jax.random.split(state.algorithm_state.key, n + 1)
     a, g_so, xs, ys = alpha, 0.0, [], []
     w_star = d_star = None
     for s in range(1, n + 1):
@@ -292,16 +293,17 @@ def test_estimate_theta_matches_independent_loop(x64, key):
                            *[b[0] for b in batches[:4]])
     val = batches[0][1]
     opt = HyperDistill(pb.mlp_train_loss, pb.mlp_val_loss, optax.sgd(0.5),
-                       optax.sgd(0.1), gamma=0.9, seed=3)
-    state = opt.init(params, hp, batch=batches[0][0])
+                       optax.sgd(0.1), gamma=0.9)
+    state = opt.init(params, hp, batch=batches[0][0],
+                     key=jax.random.PRNGKey(3))
     fitted = opt.estimate_theta(state, stacked, val)
     theta, new_key = _independent_theta(state, stacked, val, 0.9, 0.5)
     assert abs(theta - 1.0) > 1e-3      # a non-trivial fit
-    np.testing.assert_allclose(fitted.metadata["theta"], theta, rtol=1e-10)
-    np.testing.assert_array_equal(fitted.extra["key"], new_key)
+    np.testing.assert_allclose(fitted.algorithm_state.theta, theta, rtol=1e-10)
+    np.testing.assert_array_equal(fitted.algorithm_state.key, new_key)
     chex.assert_trees_all_equal(fitted.params, state.params)
     chex.assert_trees_all_equal(fitted.hyperparams, state.hyperparams)
-    chex.assert_trees_all_equal(fitted.extra["w_star"], state.extra["w_star"])
+    chex.assert_trees_all_equal(fitted.algorithm_state.w_star, state.algorithm_state.w_star)
 
 
 # -- state handling (a cheap ridge problem, stochastic batches) ---------------
@@ -321,19 +323,19 @@ def _ridge_opt(train_loss=pb.log_ridge_train_loss, **options):
                         **options)
 
 
-def test_init_with_and_without_batch_agree_after_first_step(key):
+def test_init_requires_a_batch_template(key):
+    """D* is allocated at init, so the state's tree never changes: a step
+    returns the structure and dtypes it was given."""
     params, hp, batches = _ridge_setup(key)
     train, val = batches[0]
     opt = _ridge_opt(gamma=0.9)
-    with_batch = opt.init(params, hp, batch=train)
-    without = opt.init(params, hp)
-    assert "d_star" not in without.extra
-    a, b = opt.step(with_batch, train, val), opt.step(without, train, val)
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    assert jax.tree.structure(a) == jax.tree.structure(with_batch)
-    chex.assert_trees_all_equal(a, b)
-    chex.assert_trees_all_equal(opt.step(a, *batches[1]),
-                                opt.step(b, *batches[1]))
+    with pytest.raises(TypeError, match="HyperDistill.init needs batch="):
+        opt.init(params, hp)
+    state = opt.init(params, hp, batch=train)
+    chex.assert_trees_all_equal_shapes_and_dtypes(
+        opt.step(state, train, val), state)
+    for leaf in jax.tree.leaves(state.algorithm_state.d_star):
+        assert not np.any(np.asarray(leaf))
 
 
 def test_step_applies_compute_hypergradient(x64, key):
@@ -361,21 +363,21 @@ def test_reset_episode(x64, key):
     state = opt.init(params, hp, batch=batches[0][0])
     for train, val in batches[:3]:
         state = opt.step(state, train, val)
-    assert int(state.extra["episode_step"]) == 3
+    assert int(state.algorithm_state.episode_step) == 3
     phi = jnp.array([1.0, -2.0])
     reset = opt.reset_episode(state, phi)
-    assert int(reset.extra["episode_step"]) == 0
+    assert int(reset.algorithm_state.episode_step) == 0
     assert int(reset.step) == 3
     np.testing.assert_array_equal(reset.params, phi)
-    np.testing.assert_array_equal(reset.extra["w_star"], phi)
-    for leaf in jax.tree.leaves(reset.extra["d_star"]):
+    np.testing.assert_array_equal(reset.algorithm_state.w_star, phi)
+    for leaf in jax.tree.leaves(reset.algorithm_state.d_star):
         assert not np.any(leaf)
     (trace,) = [s for s in reset.inner_opt_state
                 if isinstance(s, optax.TraceState)]
     assert not np.any(trace.trace)      # a fresh inner optimisation
     chex.assert_trees_all_equal(reset.hyperparams, state.hyperparams)
     chex.assert_trees_all_equal(reset.outer_opt_state, state.outer_opt_state)
-    assert float(reset.metadata["theta"]) == 0.7
+    assert float(reset.algorithm_state.theta) == 0.7
     # the next step is t = 1 of a fresh episode: it equals a fresh init
     fresh = opt.init(phi, state.hyperparams, batch=batches[0][0])
     train, val = batches[3]
@@ -390,9 +392,9 @@ def test_reset_episode(x64, key):
     # (ridge_val_loss does not depend on lambda: no direct term)
     np.testing.assert_allclose(h["log_l2"], 0.7 * h12["log_l2"], rtol=1e-12)
     nxt = opt.step(reset, train, val)
-    assert int(nxt.extra["episode_step"]) == 1
-    np.testing.assert_array_equal(nxt.extra["w_star"], phi)
-    chex.assert_trees_all_equal(nxt.extra["d_star"], train)
+    assert int(nxt.algorithm_state.episode_step) == 1
+    np.testing.assert_array_equal(nxt.algorithm_state.w_star, phi)
+    chex.assert_trees_all_equal(nxt.algorithm_state.d_star, train)
 
 
 def test_no_retrace_over_ten_steps(key):
@@ -410,7 +412,7 @@ def test_no_retrace_over_ten_steps(key):
     for i in range(10):
         state = opt.step(state, *batches[i])
     assert len(traces) == first
-    assert int(state.step) == 11 and int(state.extra["episode_step"]) == 11
+    assert int(state.step) == 11 and int(state.algorithm_state.episode_step) == 11
 
 
 def test_vmap_population_equals_loop(key):
@@ -441,7 +443,8 @@ def test_nan_injection_skips_and_counts(key):
                  "outer_opt_state"]:
         chex.assert_trees_all_equal(getattr(bad, name), getattr(state, name))
     for name in ["w_star", "d_star", "episode_step"]:
-        chex.assert_trees_all_equal(bad.extra[name], state.extra[name])
+        chex.assert_trees_all_equal(getattr(bad.algorithm_state, name),
+                                    getattr(state.algorithm_state, name))
     assert int(bad.step) == 2
     bad_val = (val[0].at[0, 0].set(jnp.nan), val[1])
     only_outer = step(state, (x, y), bad_val)
@@ -449,7 +452,7 @@ def test_nan_injection_skips_and_counts(key):
     chex.assert_trees_all_equal(only_outer.hyperparams, state.hyperparams)
     chex.assert_trees_all_equal(only_outer.params,
                                 opt.step(state, (x, y), val).params)
-    assert int(only_outer.extra["episode_step"]) == 2
+    assert int(only_outer.algorithm_state.episode_step) == 2
 
 
 def test_option_validation():
@@ -459,7 +462,9 @@ def test_option_validation():
         HyperDistill(*args, gamma=1.5)
     with pytest.raises(ValueError, match="theta must be in"):
         HyperDistill(*args, theta=float("nan"))
-    with pytest.raises(TypeError, match="seed must be an int"):
-        HyperDistill(*args, seed=1.5)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'seed'"):
+        HyperDistill(*args, seed=1)
+    with pytest.raises(TypeError, match="key must be a single PRNG key"):
+        HyperDistill(*args).init(jnp.zeros(2), 1.0, batch=None, key=3)
     with pytest.raises(ValueError, match="batch must have a leading axis"):
         HyperDistill(*args).init(jnp.zeros(2), 1.0, batch=jnp.array(1.0))

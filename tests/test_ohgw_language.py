@@ -115,13 +115,14 @@ def test_warm_start_hypergradient_is_finite_for_every_hyperparameter():
 
     import gradhpo as gh
     import lm
-    from gradhpo import text
+    import text_utils
 
     config = lm.LMConfig(context=16, depth=1, width=16, heads=2)
     train_loss, val_loss, _ = lm.make_losses(config)
-    tokens = text.encode(text.stdlib_docstrings(("heapq", "bisect")))
-    starts = text.window_starts(len(tokens), 16, 16, 2, seed=0)
-    windows = jnp.asarray(text.take_windows(tokens, starts, 16))
+    tokens = text_utils.encode(
+        text_utils.stdlib_docstrings(("heapq", "bisect")))
+    starts = text_utils.window_starts(len(tokens), 16, 16, 2, seed=0)
+    windows = jnp.asarray(text_utils.take_windows(tokens, starts, 16))
     train = {"tokens": windows[0], "key": jax.random.PRNGKey(1)}
     ws = gh.OneShotWarmStart(train_loss, val_loss, lm.inner_optimizer())
     hp = {"lr": jnp.log(jnp.float32(3e-3)),

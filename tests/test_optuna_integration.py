@@ -5,6 +5,7 @@ import json
 import math
 import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -219,14 +220,15 @@ def test_rejects_bounded_warm_start_and_unknown_names():
 
 
 def test_random_direction_differs_per_trial_with_the_same_length():
-    ws = lr_wd(step_size=0.05, direction="random", seed=3)
+    ws = lr_wd(step_size=0.05, direction="random")
     steps = []
     for number in range(2):
         trial = optuna.trial.create_trial(
             params={"lr": 0.1, "wd": 0.1}, value=0.0,
             distributions={"lr": LOG, "wd": LOG})
         trial.number = number
-        warm_start_trial(trial, ws, jnp.array(1.0), POINT, POINT)
+        warm_start_trial(trial, ws, jnp.array(1.0), POINT, POINT,
+                         key=jax.random.PRNGKey(3))
         steps.append(np.array(list(trial.user_attrs["ohgw_step"].values())))
     length = 0.05 * math.hypot(0.0979, 0.0089)
     for s in steps:

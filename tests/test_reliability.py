@@ -75,13 +75,15 @@ class Case:
     axes: tuple                      # leading step axis of (train, val)
     counts: tuple                    # nonfinite_count: (train NaN, val NaN)
     init_batch: bool = False         # HyperDistill allocates D* from it
+    seed: int = 0                    # of the state's PRNG key
 
-    def init(self, opt):
+    def init(self, opt, seed=None):
         params = jnp.array([0.5, 0.5])
         hp = {"log_l2": jnp.array(-1.0), "n": jnp.array(3, jnp.int32)}
+        key = jax.random.PRNGKey(self.seed if seed is None else seed)
         if self.init_batch:
-            return opt.init(params, hp, batch=self.batches(0)[0])
-        return opt.init(params, hp)
+            return opt.init(params, hp, batch=self.batches(0)[0], key=key)
+        return opt.init(params, hp, key=key)
 
     def batches(self, i):
         return stacked(2 * i, self.axes[0]), stacked(2 * i + 1, self.axes[1])
@@ -104,17 +106,16 @@ CASES: Dict[str, Case] = {
                                   bounds=(-3.0, 3.0)),
                    (HORIZON, HORIZON), (HORIZON + 1, 1)),
     "hyperdistill": Case(lambda: HyperDistill(train_loss, val_loss, _inner(),
-                                              optax.adam(0.1), gamma=0.9,
-                                              seed=7),
-                         (None, None), (2, 1), init_batch=True),
+                                              optax.adam(0.1), gamma=0.9),
+                         (None, None), (2, 1), init_batch=True, seed=7),
     "warm_start": Case(lambda: OneShotWarmStart(
         train_loss, val_loss, _inner(), optax.adam(0.1),
         lookahead=LOOKAHEAD, num_steps=NUM_STEPS),
         (LOOKAHEAD, None), (NUM_STEPS, NUM_STEPS)),
     "warm_start_random": Case(lambda: OneShotWarmStart(
         train_loss, val_loss, _inner(), step_size=0.1,
-        lookahead=LOOKAHEAD, num_steps=NUM_STEPS, direction="random",
-        seed=11), (LOOKAHEAD, None), (NUM_STEPS, NUM_STEPS)),
+        lookahead=LOOKAHEAD, num_steps=NUM_STEPS, direction="random"),
+        (LOOKAHEAD, None), (NUM_STEPS, NUM_STEPS), seed=11),
 }
 NAMES = list(CASES)
 
@@ -187,7 +188,8 @@ def test_nan_in_train_batch_changes_nothing_and_is_counted(name, built):
     if name == "hyperdistill":
         # a poisoned batch never enters D*; the episode does not advance
         for key in ["w_star", "d_star", "episode_step"]:
-            assert_bit_equal(new.extra[key], state.extra[key])
+            assert_bit_equal(getattr(new.algorithm_state, key),
+                             getattr(state.algorithm_state, key))
     # a later clean step proceeds normally from the kept state
     after = step(new, train, val)
     assert int(after.metadata["nonfinite_count"]) == count + case.counts[0]
@@ -219,7 +221,8 @@ def test_nan_in_val_batch_only_skips_the_outer_update(name, built):
         assert not _bit_equal(clean.hyperparams, state.hyperparams)
     if name == "hyperdistill":
         for key in ["w_star", "d_star", "episode_step"]:
-            assert_bit_equal(new.extra[key], clean.extra[key])
+            assert_bit_equal(getattr(new.algorithm_state, key),
+                             getattr(clean.algorithm_state, key))
 
 
 def test_greedy_partly_poisoned_horizon_still_updates(built):
@@ -236,8 +239,8 @@ def test_greedy_partly_poisoned_horizon_still_updates(built):
 
 # -- determinism -------------------------------------------------------------
 
-def _run(case, opt, steps=3):
-    state = case.init(opt)
+def _run(case, opt, steps=3, seed=None):
+    state = case.init(opt, seed)
     for i in range(steps):
         state = opt.step(state, *case.batches(i))
     return state
@@ -252,20 +255,15 @@ def test_same_seed_gives_bit_identical_runs(name):
     assert int(first.step) == 3
 
 
-def test_the_seed_is_used():
-    """Different seeds give different D* (HyperDistill) and different random
+def test_the_key_is_used():
+    """Different keys give different D* (HyperDistill) and different random
     directions (warm start), so the determinism above is not vacuous."""
     base = CASES["hyperdistill"]
-    runs = [_run(base, HyperDistill(train_loss, val_loss, _inner(),
-                                    optax.adam(0.1), gamma=0.9, seed=s))
-            for s in (7, 8)]
-    assert not _bit_equal(runs[0].extra["key"], runs[1].extra["key"])
-    assert not _bit_equal(runs[0].extra["d_star"], runs[1].extra["d_star"])
+    runs = [_run(base, base.make(), seed=s) for s in (7, 8)]
+    assert not _bit_equal(runs[0].algorithm_state.key, runs[1].algorithm_state.key)
+    assert not _bit_equal(runs[0].algorithm_state.d_star, runs[1].algorithm_state.d_star)
     warm = CASES["warm_start_random"]
-    runs = [_run(warm, OneShotWarmStart(
-        train_loss, val_loss, _inner(), step_size=0.1, lookahead=LOOKAHEAD,
-        num_steps=NUM_STEPS, direction="random", seed=s), steps=1)
-        for s in (11, 12)]
+    runs = [_run(warm, warm.make(), steps=1, seed=s) for s in (11, 12)]
     assert not _bit_equal(runs[0].hyperparams, runs[1].hyperparams)
 
 
@@ -283,12 +281,10 @@ def test_save_load_round_trip_and_resume(name, tmp_path):
     loaded = gh.load_state(path, like=case.init(fresh))
     assert_bit_equal(loaded, state)
     if name == "hyperdistill":
-        assert set(loaded.extra) == {"w_star", "d_star", "key",
-                                     "episode_step"}
-        assert int(loaded.extra["episode_step"]) == 2
-        assert "theta" in loaded.metadata
+        assert isinstance(loaded.algorithm_state, gh.HyperDistillState)
+        assert int(loaded.algorithm_state.episode_step) == 2
     if name == "warm_start_random":
-        assert "key" in loaded.extra
+        assert isinstance(loaded.algorithm_state, gh.OneShotWarmStartState)
     for i in range(2, 4):
         state = opt.step(state, *case.batches(i))
         loaded = fresh.step(loaded, *case.batches(i))

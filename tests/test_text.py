@@ -1,5 +1,6 @@
-"""Text data (gradhpo.text) and the transformer LM's losses (examples/lm.py):
-loaders, token noise, windows, perplexity, causal masking."""
+"""Text data (examples/text_utils.py) and the transformer LM's losses
+(examples/lm.py): loaders, token noise, windows, perplexity, causal
+masking."""
 
 import math
 import pathlib
@@ -10,13 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gradhpo import text
-
 pytest.importorskip("flax")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
 import lm  # noqa: E402
+import text_utils  # noqa: E402
 
 SHAKESPEARE = ROOT / ".." / "shared" / "data" / "tinyshakespeare" / \
     "input.txt"
@@ -26,12 +26,12 @@ SHAKESPEARE = ROOT / ".." / "shared" / "data" / "tinyshakespeare" / \
 
 def test_byte_tokens_round_trip():
     s = "Thou art — “more” lovely\n"
-    tokens = text.encode(s)
+    tokens = text_utils.encode(s)
     assert tokens.dtype == np.uint8
     assert tokens.tolist() == list(s.encode("utf-8"))
-    assert text.decode(tokens) == s
+    assert text_utils.decode(tokens) == s
     with pytest.raises(ValueError, match=r"\[0, 256\)"):
-        text.decode(np.array([300]))
+        text_utils.decode(np.array([300]))
 
 
 def test_wikitext_loader_reads_the_three_files(tmp_path):
@@ -39,9 +39,9 @@ def test_wikitext_loader_reads_the_three_files(tmp_path):
                 "wiki.valid.raw": " valid ", "wiki.test.raw": "tést"}
     for name, body in contents.items():
         (tmp_path / name).write_text(body, encoding="utf-8")
-    splits = text.load_wikitext103(tmp_path)
-    assert text.decode(splits.train) == contents["wiki.train.raw"]
-    assert text.decode(splits.val) == contents["wiki.valid.raw"]
+    splits = text_utils.load_wikitext103(tmp_path)
+    assert text_utils.decode(splits.train) == contents["wiki.train.raw"]
+    assert text_utils.decode(splits.val) == contents["wiki.valid.raw"]
     assert splits.test.tolist() == list("tést".encode("utf-8"))
     assert splits.vocab_size == 256 and "WikiText-103" in splits.source
 
@@ -49,43 +49,44 @@ def test_wikitext_loader_reads_the_three_files(tmp_path):
 def test_wikitext_loader_names_every_missing_file(tmp_path):
     (tmp_path / "wiki.valid.raw").write_text("x")
     with pytest.raises(FileNotFoundError) as err:
-        text.load_wikitext103(tmp_path)
+        text_utils.load_wikitext103(tmp_path)
     msg = str(err.value)
     assert "wiki.train.raw" in msg and "wiki.test.raw" in msg
     assert "wiki.valid.raw," not in msg.split("missing")[1].split("(")[0]
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        text.load_wikitext103(tmp_path / "nowhere")
+        text_utils.load_wikitext103(tmp_path / "nowhere")
 
 
 def test_plain_text_loader_splits_contiguously_90_5_5(tmp_path):
     body = "".join(chr(ord("a") + i % 26) for i in range(1000))
     path = tmp_path / "corpus.txt"
     path.write_text(body)
-    splits = text.load_text_file(path)
+    splits = text_utils.load_text_file(path)
     assert (len(splits.train), len(splits.val), len(splits.test)) == \
         (900, 50, 50)
     joined = np.concatenate([splits.train, splits.val, splits.test])
-    assert text.decode(joined) == body                 # contiguous, in order
+    assert text_utils.decode(joined) == body        # contiguous, in order
     with pytest.raises(FileNotFoundError, match="missing.txt"):
-        text.load_text_file(tmp_path / "missing.txt")
+        text_utils.load_text_file(tmp_path / "missing.txt")
 
 
 def test_tiny_shakespeare_loads():
     if not SHAKESPEARE.is_file():
-        pytest.skip(f"{SHAKESPEARE} not present (DESIGN.md §5 data)")
-    splits = text.load_text_file(SHAKESPEARE)
+        pytest.skip(f"{SHAKESPEARE} not present (shared data next to the "
+                    "repository)")
+    splits = text_utils.load_text_file(SHAKESPEARE)
     assert len(splits.train) + len(splits.val) + len(splits.test) == \
         1_115_394                       # ASCII: one byte per character
-    assert text.decode(splits.train[:14]) == "First Citizen:"
+    assert text_utils.decode(splits.train[:14]) == "First Citizen:"
 
 
 def test_embedded_corpus_is_deterministic_english_and_says_so():
-    a = text.stdlib_docstrings()
-    assert a == text.stdlib_docstrings()
+    a = text_utils.stdlib_docstrings()
+    assert a == text_utils.stdlib_docstrings()
     assert "Return" in a and len(a) > 100_000
-    splits = text.load_embedded()
+    splits = text_utils.load_embedded()
     assert "docstrings" in splits.source and "Python" in splits.source
-    ood, what = text.out_of_domain(embedded=False, max_tokens=100)
+    ood, what = text_utils.out_of_domain(embedded=False, max_tokens=100)
     assert len(ood) == 100 and "docstrings" in what
 
 
@@ -94,14 +95,14 @@ def test_embedded_corpus_is_deterministic_english_and_says_so():
 def test_token_noise_replaces_exactly_the_rounded_share_seeded():
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 256, 10_001).astype(np.uint8)
-    noisy, mask = text.corrupt_tokens(tokens, 0.15, seed=3)
+    noisy, mask = text_utils.corrupt_tokens(tokens, 0.15, seed=3)
     assert int(mask.sum()) == round(0.15 * 10_001) == 1500
     assert np.array_equal(noisy != tokens, mask)       # every one changed
-    again, mask2 = text.corrupt_tokens(tokens, 0.15, seed=3)
+    again, mask2 = text_utils.corrupt_tokens(tokens, 0.15, seed=3)
     assert np.array_equal(again, noisy) and np.array_equal(mask, mask2)
-    other, _ = text.corrupt_tokens(tokens, 0.15, seed=4)
+    other, _ = text_utils.corrupt_tokens(tokens, 0.15, seed=4)
     assert not np.array_equal(other, noisy)
-    assert np.array_equal(text.corrupt_tokens(tokens, 0.0, 0)[0], tokens)
+    assert np.array_equal(text_utils.corrupt_tokens(tokens, 0.0, 0)[0], tokens)
 
 
 # -- windows ------------------------------------------------------------------
@@ -109,7 +110,7 @@ def test_token_noise_replaces_exactly_the_rounded_share_seeded():
 @pytest.mark.parametrize("n", [33, 40, 64, 100])
 def test_eval_windows_predict_every_token_once(n):
     tokens = np.arange(n) % 256
-    windows, mask = text.eval_windows(tokens, 8, 3)
+    windows, mask = text_utils.eval_windows(tokens, 8, 3)
     assert windows.shape[1:] == (3, 9) and mask.shape[1:] == (3, 8)
     assert mask.sum() == n - 1
     counted = []
@@ -119,10 +120,10 @@ def test_eval_windows_predict_every_token_once(n):
 
 
 def test_window_starts_are_seeded_and_in_range():
-    a = text.window_starts(100, 10, 4, 5, seed=1)
+    a = text_utils.window_starts(100, 10, 4, 5, seed=1)
     assert a.shape == (5, 4) and a.min() >= 0 and a.max() <= 89
-    assert np.array_equal(a, text.window_starts(100, 10, 4, 5, seed=1))
-    w = text.take_windows(np.arange(100), a, 10)
+    assert np.array_equal(a, text_utils.window_starts(100, 10, 4, 5, seed=1))
+    w = text_utils.take_windows(np.arange(100), a, 10)
     assert w.shape == (5, 4, 11) and w.dtype == np.int32
 
 
@@ -164,7 +165,7 @@ def test_corpus_perplexity_is_exp_of_mean_token_nll_over_all_windows():
     logp = logp - np.log(np.sum(np.exp(logp - logp.max()))) - logp.max()
     tokens = rng.integers(0, 256, 53)
     expected = math.exp(-np.mean(logp[tokens[1:]]))
-    windows, mask = text.eval_windows(tokens, 8, 4)
+    windows, mask = text_utils.eval_windows(tokens, 8, 4)
     got = lm.corpus_perplexity(lm.make_nll_sum(config), params,
                                jnp.asarray(windows), jnp.asarray(mask))
     assert got == pytest.approx(expected, rel=1e-4)

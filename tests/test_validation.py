@@ -140,12 +140,15 @@ BAD_INPUTS = [
      r"gamma must be in \[0.0, 1.0\], got -0.1"),
     ("distill-theta-inf", lambda: distill(theta=INF), ValueError,
      r"theta must be in \(-inf, inf\), got inf"),
-    ("distill-seed-negative", lambda: distill(seed=-1), ValueError,
-     r"seed must be an int in \[0, 4294967295\], got -1"),
-    ("distill-seed-too-large", lambda: distill(seed=2 ** 32), ValueError,
-     r"seed must be an int in \[0, 4294967295\], got 4294967296"),
-    ("distill-seed-float", lambda: distill(seed=1.5), TypeError,
-     r"seed must be an int, got 1.5 \(type float\)"),
+    ("distill-key-int", lambda: distill().init(W0, LAM, batch=None, key=3),
+     TypeError, r"key must be a single PRNG key, jax.random.key\(seed\) or "
+     r"jax.random.PRNGKey\(seed\) .*got 3 \(type int\)"),
+    ("distill-key-stack",
+     lambda: distill().init(W0, LAM, batch=None, key=jax.random.split(
+         jax.random.PRNGKey(0), 3)),
+     TypeError, r"key must be a single PRNG key.* of shape \(3, 2\)"),
+    ("distill-init-no-batch", lambda: distill().init(W0, LAM), TypeError,
+     r"HyperDistill.init needs batch=: a training batch"),
     # -- OneShotWarmStart options ---------------------------------------------
     ("warm-step_size-zero", lambda: warm(step_size=0.0), ValueError,
      r"step_size must be in \(0.0, inf\), got 0.0"),
@@ -159,15 +162,24 @@ BAD_INPUTS = [
      r"direction must be one of 'hypergradient', 'random'; got 'sideways'"),
     ("warm-direction-array", lambda: warm(direction=np.array(["random"])),
      ValueError, r"direction must be one of 'hypergradient', 'random'"),
-    ("warm-seed-str", lambda: warm(seed="0"), TypeError,
-     r"seed must be an int, got '0' \(type str\)"),
+    ("warm-key-float", lambda: warm().init(W0, LAM, key=jnp.zeros(2)),
+     TypeError, r"key must be a single PRNG key"),
+    ("t1t2-inner_optimizer-uncalled-factory",
+     lambda: T1T2(TL, VL, optax.sgd, optax.sgd(0.1)), TypeError,
+     r"inner_optimizer is the optax factory optax.sgd, not a "
+     r"transformation: call it with its arguments .*lambda hp: "
+     r"optax.sgd\(hp\['lr'\]\)"),
+    ("greedy-outer_optimizer-uncalled-factory",
+     lambda: Greedy(TL, VL, optax.sgd(0.1), optax.adam), TypeError,
+     r"outer_optimizer is the optax factory optax.adam, not a "
+     r"transformation"),
     # -- init: params and hyperparams -----------------------------------------
     ("t1t2-params-nan", lambda: t1t2().init(jnp.array([NAN, 0.0]), LAM),
      ValueError, r"params must be finite, got a value containing NaN or inf"),
     ("greedy-hyperparams-inf",
      lambda: greedy().init(W0, {"l2": jnp.array(INF)}), ValueError,
      r"hyperparams\['l2'\] must be finite, got a value containing NaN"),
-    ("distill-hyperparams-str", lambda: distill().init(W0, "0.5"),
+    ("distill-hyperparams-str", lambda: distill().init(W0, "0.5", batch=None),
      TypeError, r"hyperparams must be a real floating array or number "
      r"\(tuned\) or an integer \(held fixed\), got '0.5' \(type str\)"),
     ("warm-hyperparams-none-leaf",
@@ -182,7 +194,7 @@ BAD_INPUTS = [
      lambda: greedy().init(W0, jnp.array(1.0 + 1.0j)), TypeError,
      r"hyperparams must be .*got complex dtype complex64; complex values "
      r"are not supported"),
-    ("distill-hyperparams-int-only", lambda: distill().init(W0, 3),
+    ("distill-hyperparams-int-only", lambda: distill().init(W0, 3, batch=None),
      ValueError, r"hyperparams must contain at least one floating leaf for "
      r"HyperDistill to tune \(integer leaves are held fixed\), got dtypes "
      r"\['int32'\]; write 1.0, not 1"),
@@ -256,10 +268,11 @@ BAD_INPUTS = [
      lambda: _step(distill(), train=jax.tree.map(
          lambda x: x[:2], pb.ridge_batches()[0]),
          init_kw={"batch": pb.ridge_batches()[0]}), ValueError,
-     r"train_batch must have the leaf shapes state.extra\[\"d_star\"\] was "
-     r"allocated with, \(\(3, 2\), \(3,\)\), got \(\(2, 2\), \(2,\)\)"),
+     r"train_batch must have the leaf shapes state.algorithm_state.d_star "
+     r"was allocated with, \(\(3, 2\), \(3,\)\), got \(\(2, 2\), \(2,\)\)"),
     ("distill-step-train_batch-scalar",
-     lambda: _step(distill(), train=jnp.array(1.0)), ValueError,
+     lambda: _step(distill(), train=jnp.array(1.0),
+                   init_kw={"batch": pb.ridge_batches()[0]}), ValueError,
      r"train_batch must have a leading axis on every leaf, got a scalar"),
 ]
 
@@ -290,7 +303,7 @@ def test_integer_leaves_none_subtrees_and_numpy_scalars_are_accepted():
     assert state.hyperparams["n"].dtype == jnp.int32
     assert state.params["bias"] is None
     greedy(bounds=({"l2": 0.0, "n": None}, None)).init(W0, {"l2": 1.0, "n": 2})
-    warm(bounds=(-INF, INF), seed=2 ** 32 - 1).init(W0, LAM)
+    warm(bounds=(-INF, INF)).init(W0, LAM, key=jax.random.key(2 ** 31))
 
 
 # -- state and batch checks at step ------------------------------------------
@@ -327,20 +340,20 @@ def test_wrong_state_type_is_caught(name):
 def test_state_of_another_algorithm_is_caught():
     train, val = pb.ridge_batches()
     other = t1t2().init(W0, LAM)
-    with pytest.raises(ValueError, match=r"state.metadata lacks \['theta'\]: "
-                       r"state was not built by HyperDistill.init"):
+    with pytest.raises(ValueError, match=r"state.algorithm_state must be a "
+                       r"HyperDistillState \(state was not built by "
+                       r"HyperDistill.init\), got T1T2State"):
         distill().step(other, train, val)
-    with pytest.raises(ValueError, match=r"state.metadata lacks "
-                       r"\['hypergradient', 'delta', 'delta_norm', "
-                       r"'clipped'\]"):
+    with pytest.raises(ValueError, match=r"must be a OneShotWarmStartState"):
         warm().compute_hypergradient(other, train, val)
-    with pytest.raises(ValueError, match=r"state.metadata lacks "
-                       r"\['selected'\]: state was not built by Greedy"):
+    with pytest.raises(ValueError, match=r"must be a GreedyState"):
         greedy(top_k=1).step(other, train, val)
-    random = warm(direction="random")
-    no_key = random.init(W0, LAM).replace(extra={})
-    with pytest.raises(ValueError, match=r"state.extra lacks \['key'\]"):
-        random.step(no_key, train, val)
+    with pytest.raises(ValueError, match=r"must be a HyperDistillState"):
+        distill().reset_episode(other, W0)
+    plain = greedy().init(W0, LAM)
+    with pytest.raises(ValueError, match=r"state was built by a Greedy "
+                       r"without top_k; build it with this optimizer's init"):
+        greedy(top_k=1).step(plain, train, val)
 
 
 def test_greedy_horizon_axis_checked_on_every_new_signature():
@@ -373,7 +386,7 @@ def test_hyperdistill_changed_batch_shape_is_caught_every_time():
     state = opt.step(state, train, val)
     small = jax.tree.map(lambda x: x[:2], train)
     message = (r"train_batch must have the leaf shapes "
-               r"state.extra\[\"d_star\"\] was allocated with, "
+               r"state.algorithm_state.d_star was allocated with, "
                r"\(\(3, 2\), \(3,\)\), got \(\(2, 2\), \(2,\)\)")
     for _ in range(2):     # a failed check is not cached
         with pytest.raises(ValueError, match=message):
@@ -382,25 +395,11 @@ def test_hyperdistill_changed_batch_shape_is_caught_every_time():
             opt.compute_hypergradient(state, small, val)
     # the tree, not only the shapes
     with pytest.raises(ValueError, match="train_batch must have the tree "
-                       "structure of state.extra"):
+                       "structure of state.algorithm_state.d_star"):
         opt.step(state, {"x": train[0], "y": train[1]}, val)
     # under a user's jit too (the check runs while tracing)
     with pytest.raises(ValueError, match=message):
         jax.jit(opt.step)(state, small, val)
-
-
-def test_hyperdistill_without_init_batch_checks_after_first_step():
-    """D* is allocated by the first step; later batches must match it, and a
-    fresh init accepts the new size."""
-    opt = distill()
-    train, val = pb.ridge_batches()
-    state = opt.step(opt.init(W0, LAM), train, val)
-    small = jax.tree.map(lambda x: x[:2], train)
-    with pytest.raises(ValueError, match=r"train_batch must have the leaf "
-                       r"shapes .*\(\(3, 2\), \(3,\)\), got"):
-        opt.step(state, small, val)
-    fresh = opt.step(opt.init(W0, LAM, batch=small), small, val)
-    assert fresh.extra["d_star"][0].shape == (2, 2)
 
 
 # -- the checks at step are cached per signature ------------------------------

@@ -14,6 +14,11 @@ from gradhpo.algorithms.warm_start import OneShotWarmStart
 
 import problems as pb
 
+
+def flat(tree):
+    """A pytree as one vector, in ``jax.tree.leaves`` order."""
+    return ravel_pytree(tree)[0]
+
 # -- §6 T12: squared loss 1/2 (w x - y)^2 on the point (x = 1, y = 0) --------
 
 
@@ -66,11 +71,11 @@ def test_t12_log_lr_log_wd(x64):
                                rtol=1e-12)
     np.testing.assert_allclose(meta["train_loss"], 0.55, rtol=1e-12)
     # flat vectors in key order (log_lr, log_wd)
-    np.testing.assert_allclose(meta["hypergradient"], [-0.0979, -0.0089],
+    np.testing.assert_allclose(flat(new.algorithm_state.hypergradient), [-0.0979, -0.0089],
                                rtol=1e-10)
     np.testing.assert_allclose(meta["hypergradient_norm"],
                                np.hypot(0.0979, 0.0089), rtol=1e-10)
-    np.testing.assert_allclose(meta["delta"], [9.79e-5, 8.9e-6], rtol=1e-9)
+    np.testing.assert_allclose(flat(new.algorithm_state.delta), [9.79e-5, 8.9e-6], rtol=1e-9)
     np.testing.assert_allclose(meta["delta_norm"], np.hypot(9.79e-5, 8.9e-6),
                                rtol=1e-9)
     np.testing.assert_allclose(new.hyperparams["log_lr"],
@@ -173,8 +178,8 @@ def test_lookahead_one_equals_t1t2(x64, key):
         state = opt.init(params, hp)
         got = opt.compute_hypergradient(state, train, val)
         chex.assert_trees_all_close(got, expected, rtol=1e-10, atol=1e-14)
-        meta = opt.step(state, train, val).metadata
-        np.testing.assert_allclose(meta["hypergradient"],
+        new = opt.step(state, train, val)
+        np.testing.assert_allclose(flat(new.algorithm_state.hypergradient),
                                    ravel_pytree(expected)[0], rtol=1e-10,
                                    atol=1e-14)
 
@@ -228,10 +233,10 @@ def test_three_hyper_steps_equal_sequential_manual_steps(x64, key):
     # the gradient changed between hyper-steps: it was recomputed
     assert not np.allclose(ravel_pytree(grads[0])[0],
                            ravel_pytree(grads[2])[0], rtol=1e-3)
-    np.testing.assert_allclose(new.metadata["hypergradient"],
+    np.testing.assert_allclose(flat(new.algorithm_state.hypergradient),
                                ravel_pytree(grads[0])[0], rtol=1e-12)
     np.testing.assert_allclose(
-        new.metadata["delta"],
+        flat(new.algorithm_state.delta),
         ravel_pytree(lam)[0] - ravel_pytree(state.hyperparams)[0],
         rtol=1e-10, atol=1e-15)
     chex.assert_trees_all_equal(new.params, state.params)
@@ -282,8 +287,9 @@ def ridge_opt(*args, **kwargs):
         *args, **kwargs)
 
 
-def _delta(opt, params, hp, train, val):
-    return opt.step(opt.init(params, hp), train, val).metadata["delta"]
+def _delta(opt, params, hp, train, val, key=None):
+    return flat(opt.step(opt.init(params, hp, key=key), train,
+                         val).algorithm_state.delta)
 
 
 @pytest.mark.parametrize("outer", [None, optax.adam(0.05)],
@@ -298,8 +304,8 @@ def test_random_direction_has_the_same_length(x64, outer):
     assert np.linalg.norm(d_h) > 1e-3
     cosine = d_0 @ d_h / (np.linalg.norm(d_0) * np.linalg.norm(d_h))
     assert abs(cosine) < 0.99
-    d_1 = _delta(ridge_opt(outer, step_size=0.1, direction="random",
-                           seed=1), params, hp, train, val)
+    d_1 = _delta(ridge_opt(outer, step_size=0.1, direction="random"),
+                 params, hp, train, val, key=jax.random.PRNGKey(1))
     assert not np.allclose(d_0, d_1)
     np.testing.assert_allclose(np.linalg.norm(d_1), np.linalg.norm(d_h),
                                rtol=1e-10)
@@ -316,14 +322,14 @@ def test_random_key_advances_and_length_matches_per_step(x64):
     one = ridge_opt(step_size=0.1, direction="random")
     s1 = one.step(one.init(params, hp), train, val)
     s2 = one.step(s1, train, val)
-    assert not np.allclose(s1.metadata["delta"], s2.metadata["delta"])
+    assert not np.allclose(flat(s1.algorithm_state.delta), flat(s2.algorithm_state.delta))
     two = ridge_opt(step_size=0.1, num_steps=2, direction="random")
     both = two.step(two.init(params, hp), train, val)
     chex.assert_trees_all_close(both.hyperparams, s2.hyperparams,
                                 rtol=1e-12)
-    np.testing.assert_array_equal(both.extra["key"], s2.extra["key"])
+    np.testing.assert_array_equal(both.algorithm_state.key, s2.algorithm_state.key)
     g1 = ravel_pytree(one.compute_hypergradient(s1, train, val))[0]
-    np.testing.assert_allclose(np.linalg.norm(s2.metadata["delta"]),
+    np.testing.assert_allclose(np.linalg.norm(flat(s2.algorithm_state.delta)),
                                0.1 * np.linalg.norm(g1), rtol=1e-10)
 
 
@@ -335,7 +341,7 @@ def test_bounds_hold_and_clipped_flag(x64):
     lr0 = np.log(0.1)
     opt, state = t12_lr_wd(step_size=10.0)
     free = opt.step(state, point(), point())
-    np.testing.assert_allclose(free.metadata["delta"], [0.979, 0.089],
+    np.testing.assert_allclose(flat(free.algorithm_state.delta), [0.979, 0.089],
                                rtol=1e-10)
     assert not bool(free.metadata["clipped"])
 
@@ -346,7 +352,7 @@ def test_bounds_hold_and_clipped_flag(x64):
                                rtol=1e-12)
     np.testing.assert_allclose(new.hyperparams["log_wd"], lr0 + 0.089,
                                rtol=1e-12)
-    np.testing.assert_allclose(new.metadata["delta"], [0.5, 0.089],
+    np.testing.assert_allclose(flat(new.algorithm_state.delta), [0.5, 0.089],
                                rtol=1e-10)
     assert bool(new.metadata["clipped"])
 
@@ -370,10 +376,10 @@ def test_nan_validation_batch_leaves_psi_unchanged(x64):
     chex.assert_trees_all_equal(new.hyperparams, state.hyperparams)
     chex.assert_trees_all_equal(new.outer_opt_state, state.outer_opt_state)
     chex.assert_trees_all_equal(new.params, state.params)
-    np.testing.assert_array_equal(new.metadata["delta"], [0.0, 0.0])
+    np.testing.assert_array_equal(flat(new.algorithm_state.delta), [0.0, 0.0])
     good = jax.jit(opt.step)(new, point(), point())
     assert int(good.metadata["nonfinite_count"]) == 2
-    assert np.all(np.asarray(good.metadata["delta"]) > 0)
+    assert np.all(np.asarray(flat(good.algorithm_state.delta)) > 0)
 
 
 def test_no_retrace_over_ten_calls():
@@ -413,8 +419,8 @@ def test_vmap_population_equals_loop(x64):
             jax.tree.map(lambda x: x[i], population), single, rtol=1e-9,
             atol=1e-12)
     # the population members moved differently
-    assert not np.allclose(states[0].metadata["delta"],
-                           states[2].metadata["delta"])
+    assert not np.allclose(flat(states[0].algorithm_state.delta),
+                           flat(states[2].algorithm_state.delta))
 
 
 def test_invalid_options_name_the_argument():
@@ -425,7 +431,6 @@ def test_invalid_options_name_the_argument():
              ({"lookahead": 1.5}, TypeError, "lookahead must be an int"),
              ({"direction": "sign"}, ValueError,
               "direction must be one of 'hypergradient', 'random'"),
-             ({"seed": "a"}, TypeError, "seed must be an int"),
              ({"bounds": (0.0,)}, ValueError, "bounds must be None or a pair")]
     for kwargs, error, message in cases:
         with pytest.raises(error, match=message):

@@ -57,6 +57,19 @@ class GreedyState(NamedTuple):
         hyperparameters: ``True`` where the last outer update actually moved
         the coordinate (selected, and not held at a bound); all ``False``
         after a skipped update. ``None`` without ``top_k``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> import gradhpo as gh
+      >>> def val_loss(w, lam, batch):    # the hypergradient is (1, -3, 2)
+      ...     return jnp.dot(jnp.array([1.0, -3.0, 2.0]), lam)
+      >>> opt = gh.Greedy(lambda w, lam, b: jnp.sum(w ** 2), val_loss,
+      ...                 optax.sgd(0.1), optax.sgd(0.1), top_k=2)
+      >>> state = opt.step(opt.init(jnp.ones(1), jnp.ones(3)), None, None)
+      >>> state.algorithm_state.selected
+      Array([False,  True,  True], dtype=bool)
+      >>> int(state.metadata["selected"])
+      2
     """
 
     selected: Optional[PyTree] = None

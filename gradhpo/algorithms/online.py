@@ -162,6 +162,19 @@ class HyperDistillState(NamedTuple):
         (``int32``); the next step uses :math:`t` = that + 1.
       theta: the size coefficient :math:`\theta` of the linear estimator,
         refitted by :meth:`HyperDistill.estimate_theta`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import gradhpo as gh
+      >>> loss = lambda w, lam, batch: jnp.sum((w - lam) ** 2)
+      >>> opt = gh.HyperDistill(loss, loss, optax.sgd(0.1), optax.sgd(0.1),
+      ...                       theta=0.5)
+      >>> state = opt.init(jnp.ones(2), jnp.zeros(2), batch=None,
+      ...                  key=jax.random.PRNGKey(1))
+      >>> state = opt.step(state, None, None)
+      >>> own = state.algorithm_state
+      >>> int(own.episode_step), float(own.theta), own.w_star.tolist()
+      (1, 0.5, [1.0, 1.0])
     """
 
     w_star: PyTree

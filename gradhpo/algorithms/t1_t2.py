@@ -38,7 +38,16 @@ HYPERGRADIENT_MODES = ("exact", "finite_difference")
 class T1T2State(NamedTuple):
     """:class:`T1T2`'s own state: none (one-step hypergradients carry
     nothing from step to step). An empty record, so that every algorithm's
-    state has a type of its own."""
+    state has a type of its own.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> import gradhpo as gh
+      >>> loss = lambda w, hp, b: hp * jnp.sum(w ** 2)
+      >>> opt = gh.T1T2(loss, loss, optax.sgd(0.1), optax.sgd(0.1))
+      >>> opt.init(jnp.ones(2), 0.5).algorithm_state
+      T1T2State()
+    """
 
 
 class T1T2(BilevelOptimizer):

@@ -54,6 +54,19 @@ class OneShotWarmStartState(NamedTuple):
         call).
       delta: :math:`\psi_N - \psi_0`, the change the last call applied,
         shaped like the hyperparameters.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> import gradhpo as gh
+      >>> def loss(w, hp, batch):
+      ...     return 0.5 * (w - batch) ** 2
+      >>> opt = gh.OneShotWarmStart(loss, loss,
+      ...                           lambda hp: optax.sgd(hp["lr"]),
+      ...                           step_size=0.1)
+      >>> state = opt.init(jnp.array(1.0), {"lr": 0.5})
+      >>> own = opt.step(state, jnp.array(0.0), jnp.array(0.0)).algorithm_state
+      >>> print(f"{own.hypergradient['lr']:.3f} {own.delta['lr']:.3f}")
+      -0.500 0.050
     """
 
     key: jax.Array

@@ -174,9 +174,8 @@ def compiled(method: Optional[Callable] = None, *,
         if not args or not isinstance(args[0], BilevelState):
             got = type(args[0]).__name__ if args else "nothing"
             raise TypeError(
-                f"{type(self).__name__}.{method.__name__} takes a "
-                f"gradhpo.BilevelState first (from {type(self).__name__}"
-                f".init), got {got}.")
+                f"state must be a gradhpo.BilevelState (from "
+                f"{type(self).__name__}.init), got {got}.")
         bundle = self.__dict__.get("_compiled")
         if bundle is None:
             # the configuration copy, called from inside a trace

@@ -383,7 +383,8 @@ class OptunaWarmStart:
 def warm_start_trial(trial: Any, warm_start: OneShotWarmStart,
                      params: PyTree, train_batch: DataBatch,
                      val_batch: DataBatch, *,
-                     names: Optional[Sequence[str]] = None
+                     names: Optional[Sequence[str]] = None,
+                     key: Optional[jax.Array] = None
                      ) -> Dict[str, Any]:
     r"""One call of :meth:`OptunaWarmStart.apply`: warm-starts the trial's
     sampled continuous parameters and returns the values to train with.
@@ -405,6 +406,8 @@ def warm_start_trial(trial: Any, warm_start: OneShotWarmStart,
         1``).
       val_batch: :math:`V`.
       names: the parameters to warm start (default: all of the trial's).
+      key: the PRNG key of the random direction, folded with the trial
+        number (default ``jax.random.PRNGKey(0)``).
 
     Example:
       >>> import jax.numpy as jnp, optax, optuna
@@ -425,5 +428,5 @@ def warm_start_trial(trial: Any, warm_start: OneShotWarmStart,
       >>> trial.user_attrs["ohgw_status"]
       'applied'
     """
-    return OptunaWarmStart(warm_start, names).apply(
+    return OptunaWarmStart(warm_start, names, key=key).apply(
         trial, params, train_batch, val_batch)

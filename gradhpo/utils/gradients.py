@@ -1,6 +1,6 @@
 r"""Shared hypergradient machinery: the inner step and its derivatives.
 
-Every algorithm in gradhpo is built on one pure inner step (ALGORITHMS.md §0.4)
+Every algorithm in gradhpo is built on one pure inner step
 
 .. math::
 

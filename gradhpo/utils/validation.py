@@ -138,12 +138,12 @@ def check_key(key: Any, name: str = "key") -> jax.Array:
                 return key
         elif dtype == np.uint32 and key.shape == (2,):
             return jnp.asarray(key)
+    got = (f"an array of shape {tuple(key.shape)} and dtype {key.dtype}"
+           if isinstance(key, (jax.Array, np.ndarray)) else _describe(key))
     raise TypeError(
         f"{name} must be a single PRNG key, jax.random.key(seed) or "
         f"jax.random.PRNGKey(seed) (split one key per member of a "
-        f"population), got {_describe(key)}"
-        + (f" of shape {np.shape(key)}" if hasattr(key, "shape") else "")
-        + ".")
+        f"population), got {got}.")
 
 
 def check_choice(value: Any, name: str, choices: Iterable[str]) -> None:

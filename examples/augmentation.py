@@ -229,7 +229,8 @@ def run_tuned(name, opt, params, hp, data, args):
     """T1–T2 or HyperDistill: returns the final state and the curve."""
     train, val, _ = data
     if name == "HyperDistill":
-        state = opt.init(params, hp, batch=train_batch(train, args, 0))
+        state = opt.init(params, hp, batch=train_batch(train, args, 0),
+                         key=jax.random.PRNGKey(args.seed))
     else:
         state = opt.init(params, hp)
     curve = []
@@ -355,8 +356,7 @@ def main(argv=None):
         opt = (gh.T1T2(train_loss, val_loss, inner, optax.adam(args.outer_lr))
                if name == "T1-T2" else
                gh.HyperDistill(train_loss, val_loss, inner,
-                               optax.adam(args.outer_lr), gamma=args.gamma,
-                               seed=args.seed))
+                               optax.adam(args.outer_lr), gamma=args.gamma))
         start = time.perf_counter()
         state, curves[name] = run_tuned(name, opt, params, hp0, data, args)
         add_row(f"{name} tuned", state.params,

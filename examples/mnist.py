@@ -233,8 +233,8 @@ def build_optimizers(args):
                              horizon=args.horizon, gamma=args.gamma),
                    args.horizon),
         "HyperDistill": (gh.HyperDistill(
-            train_loss, val_loss, inner_optimizer, outer, gamma=args.gamma,
-            seed=args.seed), 1),
+            train_loss, val_loss, inner_optimizer, outer,
+            gamma=args.gamma), 1),
     }
 
 
@@ -258,7 +258,8 @@ def main(argv=None):
             first = take(train, batch_indices(args.seed, 0, len(train[0]),
                                               args.batch_size))
             init_state = (lambda o=opt, b=first:
-                          o.init(params, hp, batch=b))
+                          o.init(params, hp, batch=b,
+                                 key=jax.random.PRNGKey(args.seed)))
         else:
             init_state = (lambda o=opt: o.init(params, hp))
         start = time.perf_counter()

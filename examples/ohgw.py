@@ -530,7 +530,7 @@ def make_helpers(task, args):
         helpers[name] = OptunaWarmStart(gh.OneShotWarmStart(
             task.train_loss, task.val_loss, task.inner, step_size=eta,
             num_steps=num_steps, lookahead=args.lookahead,
-            direction=direction, seed=args.seed))
+            direction=direction), key=jax.random.PRNGKey(args.seed))
     return helpers
 
 

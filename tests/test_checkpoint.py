@@ -28,9 +28,9 @@ def _trained_state(steps=3, seed=0):
 
 def test_round_trip_is_bit_exact(tmp_path):
     _, state = _trained_state()
-    state = state.replace(algorithm_state={"key": jax.random.PRNGKey(3),
-                                 "typed_key": jax.random.key(4),
-                                 "half": jnp.arange(3, dtype=jnp.bfloat16)})
+    state = state.replace(algorithm_state={
+        "key": jax.random.PRNGKey(3), "typed_key": jax.random.key(4),
+        "half": jnp.arange(3, dtype=jnp.bfloat16)})
     path = tmp_path / "ckpt.npz"
     gh.save_state(path, state)
     restored = gh.load_state(path, like=state)

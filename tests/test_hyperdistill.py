@@ -72,7 +72,8 @@ def test_t7_w_star_by_the_step_equals_weighted_average(x64, gamma):
         state = opt.step(state.replace(params=jnp.asarray(w)), None, None)
     weights = gamma ** np.arange(3, -1, -1.0)
     expected = weights @ ws / weights.sum()
-    np.testing.assert_allclose(state.algorithm_state.w_star, expected, rtol=1e-12)
+    np.testing.assert_allclose(state.algorithm_state.w_star, expected,
+                               rtol=1e-12)
     if gamma == 0.9:
         np.testing.assert_allclose(
             expected, [0.444605990113, 1.631288165164], rtol=1e-11)
@@ -138,7 +139,8 @@ def test_exact_when_a_equals_gamma_identity(x64, gamma, k):
     fitted = opt.estimate_theta(state, jnp.zeros((5, 1)), None)
     np.testing.assert_allclose(fitted.algorithm_state.theta, 1.0, rtol=1e-10)
     chex.assert_trees_all_equal(fitted.params, state.params)
-    assert not np.array_equal(fitted.algorithm_state.key, state.algorithm_state.key)
+    assert not np.array_equal(fitted.algorithm_state.key,
+                              state.algorithm_state.key)
     state = fitted
     for t in range(1, 5):
         h = opt.compute_hypergradient(state, None, None)
@@ -229,7 +231,8 @@ def test_d_star_keeps_round_b_p_old_examples(key):
                        gamma=0.9)
     state = opt.init(jnp.ones(2), jnp.ones(2), batch=ids[0])
     state = opt.step(state, ids[0], None)
-    np.testing.assert_array_equal(state.algorithm_state.d_star["x"], ids[0]["x"])
+    np.testing.assert_array_equal(state.algorithm_state.d_star["x"],
+                                  ids[0]["x"])
     state = opt.step(state, ids[1], None)
     d = state.algorithm_state.d_star
     np.testing.assert_array_equal(d["x"], d["y"].astype(d["x"].dtype))
@@ -303,7 +306,8 @@ def test_estimate_theta_matches_independent_loop(x64, key):
     np.testing.assert_array_equal(fitted.algorithm_state.key, new_key)
     chex.assert_trees_all_equal(fitted.params, state.params)
     chex.assert_trees_all_equal(fitted.hyperparams, state.hyperparams)
-    chex.assert_trees_all_equal(fitted.algorithm_state.w_star, state.algorithm_state.w_star)
+    chex.assert_trees_all_equal(fitted.algorithm_state.w_star,
+                                state.algorithm_state.w_star)
 
 
 # -- state handling (a cheap ridge problem, stochastic batches) ---------------
@@ -412,7 +416,8 @@ def test_no_retrace_over_ten_steps(key):
     for i in range(10):
         state = opt.step(state, *batches[i])
     assert len(traces) == first
-    assert int(state.step) == 11 and int(state.algorithm_state.episode_step) == 11
+    assert int(state.step) == 11
+    assert int(state.algorithm_state.episode_step) == 11
 
 
 def test_vmap_population_equals_loop(key):

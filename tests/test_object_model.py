@@ -78,7 +78,7 @@ def init(name, opt, key=None):
     return opt.init(W0, LAM, key=key)
 
 
-# -- immutable values ----------------------------------------------------------
+# -- immutable values ---------------------------------------------------------
 
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_setting_an_attribute_raises_and_says_what_to_do(name):
@@ -129,7 +129,7 @@ def test_stale_configuration_cannot_happen_greedy_gamma(x64):
     assert not np.allclose(h0, h9, rtol=1e-3)
 
 
-# -- compiled code: shared by equal configurations, freed with them -------------
+# -- compiled code: shared by equal configurations, freed with them -----------
 
 def _counting(loss, counter):
     def wrapped(w, hp, batch):
@@ -219,7 +219,7 @@ def test_keyword_and_positional_calls_agree(name):
         opt.step(state, train_batch=train)
 
 
-# -- the inner optimizer ---------------------------------------------------------
+# -- the inner optimizer ------------------------------------------------------
 
 @pytest.mark.parametrize("factory,name", [
     (optax.sgd, "optax.sgd"), (optax.adam, "optax.adam"),
@@ -243,7 +243,7 @@ def test_a_callable_must_return_a_transformation():
         opt.init(W0, LAM)
 
 
-# -- typed states ----------------------------------------------------------------
+# -- typed states -------------------------------------------------------------
 
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_lax_scan_over_step_from_init(name):
@@ -334,7 +334,7 @@ def test_typed_keys_work_too():
         opt.step(raw, train, val).params, opt.step(typed, train, val).params)
 
 
-# -- the package boundary ----------------------------------------------------------
+# -- the package boundary -----------------------------------------------------
 
 def test_import_gradhpo_loads_nothing_beyond_its_dependencies():
     code = ("import sys\n"

@@ -260,8 +260,9 @@ def test_the_key_is_used():
     directions (warm start), so the determinism above is not vacuous."""
     base = CASES["hyperdistill"]
     runs = [_run(base, base.make(), seed=s) for s in (7, 8)]
-    assert not _bit_equal(runs[0].algorithm_state.key, runs[1].algorithm_state.key)
-    assert not _bit_equal(runs[0].algorithm_state.d_star, runs[1].algorithm_state.d_star)
+    first, second = runs[0].algorithm_state, runs[1].algorithm_state
+    assert not _bit_equal(first.key, second.key)
+    assert not _bit_equal(first.d_star, second.d_star)
     warm = CASES["warm_start_random"]
     runs = [_run(warm, warm.make(), steps=1, seed=s) for s in (11, 12)]
     assert not _bit_equal(runs[0].hyperparams, runs[1].hyperparams)

@@ -71,11 +71,13 @@ def test_t12_log_lr_log_wd(x64):
                                rtol=1e-12)
     np.testing.assert_allclose(meta["train_loss"], 0.55, rtol=1e-12)
     # flat vectors in key order (log_lr, log_wd)
-    np.testing.assert_allclose(flat(new.algorithm_state.hypergradient), [-0.0979, -0.0089],
+    np.testing.assert_allclose(flat(new.algorithm_state.hypergradient),
+                               [-0.0979, -0.0089],
                                rtol=1e-10)
     np.testing.assert_allclose(meta["hypergradient_norm"],
                                np.hypot(0.0979, 0.0089), rtol=1e-10)
-    np.testing.assert_allclose(flat(new.algorithm_state.delta), [9.79e-5, 8.9e-6], rtol=1e-9)
+    np.testing.assert_allclose(flat(new.algorithm_state.delta),
+                               [9.79e-5, 8.9e-6], rtol=1e-9)
     np.testing.assert_allclose(meta["delta_norm"], np.hypot(9.79e-5, 8.9e-6),
                                rtol=1e-9)
     np.testing.assert_allclose(new.hyperparams["log_lr"],
@@ -322,12 +324,14 @@ def test_random_key_advances_and_length_matches_per_step(x64):
     one = ridge_opt(step_size=0.1, direction="random")
     s1 = one.step(one.init(params, hp), train, val)
     s2 = one.step(s1, train, val)
-    assert not np.allclose(flat(s1.algorithm_state.delta), flat(s2.algorithm_state.delta))
+    assert not np.allclose(flat(s1.algorithm_state.delta),
+                           flat(s2.algorithm_state.delta))
     two = ridge_opt(step_size=0.1, num_steps=2, direction="random")
     both = two.step(two.init(params, hp), train, val)
     chex.assert_trees_all_close(both.hyperparams, s2.hyperparams,
                                 rtol=1e-12)
-    np.testing.assert_array_equal(both.algorithm_state.key, s2.algorithm_state.key)
+    np.testing.assert_array_equal(both.algorithm_state.key,
+                                  s2.algorithm_state.key)
     g1 = ravel_pytree(one.compute_hypergradient(s1, train, val))[0]
     np.testing.assert_allclose(np.linalg.norm(flat(s2.algorithm_state.delta)),
                                0.1 * np.linalg.norm(g1), rtol=1e-10)

@@ -23,6 +23,7 @@ from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from gradhpo.utils.types import DataBatch, InnerOptimizer, LossFn, PyTree
@@ -334,6 +335,166 @@ def finite_difference_step(
     if guard:
         step = guard_inner_step(step, params, opt_state)
     return step, pullback
+
+
+def tangent_zeros(tree: PyTree) -> PyTree:
+    """Zero tangents for ``tree``: zeros for floating leaves and ``float0``
+    zeros for integer ones (as :func:`jax.jvp` requires for, e.g., Adam's
+    step count)."""
+    def zero(x):
+        if tu.is_float_leaf(x):
+            return jnp.zeros_like(x)
+        return np.zeros(np.shape(x), jax.dtypes.float0)
+    return jax.tree.map(zero, tree)
+
+
+def inner_step_jvp(
+        train_loss: LossFn, inner_optimizer: InnerOptimizer, params: PyTree,
+        opt_state: PyTree, hyperparams: PyTree, batch: DataBatch,
+        tangents: Tuple[PyTree, PyTree, PyTree], guard: bool = False,
+) -> Tuple[InnerStep, Tuple[PyTree, PyTree]]:
+    r"""One inner step and its forward derivative along a direction.
+
+    .. math::
+
+       (\dot w^+, \dot s^+) = rac{\partial \Phi}{\partial (w, s)}
+       (\dot w, \dot s) + rac{\partial \Phi}{\partial \lambda}
+       \dot\lambda,
+
+    by :func:`jax.jvp` through the real inner step (the optimizer's state,
+    preconditioner and :math:`\lambda`-dependent update included): the
+    recursion of forward-mode hypergradients (Franceschi et al. 2017),
+    :math:`Z_{t+1} = A_t Z_t + B_t`, one tangent per call. ``jax.vmap`` it
+    over a stack of tangents for several hyperparameter coordinates at
+    once. Its cost is a small multiple of one gradient evaluation (the
+    gradient's JVP is a Hessian-vector product).
+
+    Args:
+      train_loss: :math:`L_{tr}(w, \lambda; D)`.
+      inner_optimizer: the inner optimizer (transformation or callable).
+      params: :math:`w`.
+      opt_state: :math:`s`.
+      hyperparams: :math:`\lambda` (integer leaves are held fixed).
+      batch: :math:`D`.
+      tangents: ``(w_dot, s_dot, lam_dot)`` shaped like ``params``,
+        ``opt_state`` (integer leaves: ``float0`` zeros, see
+        :func:`tangent_zeros`) and the *floating part* of ``hyperparams``
+        (:func:`gradhpo.utils.tree.partition_float`, ``None`` for integer
+        leaves).
+      guard: keep :math:`(w, s)` and their tangents when the inner gradient
+        is non-finite.
+
+    Returns:
+      ``(step, (w_dot_plus, s_dot_plus))``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from gradhpo.utils import gradients as gr
+      >>> loss = lambda w, lam, b: 0.5 * jnp.sum(w ** 2) - lam * jnp.sum(w)
+      >>> tx = optax.sgd(0.1)      # w+ = w - 0.1 (w - lam): dw+/dlam = 0.1
+      >>> out, (w_dot, _) = gr.inner_step_jvp(
+      ...     loss, tx, jnp.ones(2), tx.init(jnp.ones(2)), jnp.array(2.0),
+      ...     None, (jnp.zeros(2), gr.tangent_zeros(tx.init(jnp.ones(2))),
+      ...            jnp.array(1.0)))
+      >>> print(w_dot, out.params)
+      [0.1 0.1] [1.1 1.1]
+    """
+    lam_f, lam_rest = tu.partition_float(hyperparams)
+    w_dot, s_dot, lam_dot = tangents
+
+    def phi(w, s, lam):
+        out = inner_step(train_loss, inner_optimizer, w, s,
+                         tu.combine(lam, lam_rest), batch)
+        return (out.params, out.opt_state), (out.loss, out.finite)
+
+    (new_params, new_state), (d_params, d_state), (loss, finite) = jax.jvp(
+        phi, (params, opt_state, lam_f), (w_dot, s_dot, lam_dot),
+        has_aux=True)
+    step = InnerStep(new_params, new_state, loss, finite)
+    if guard:
+        step = guard_inner_step(step, params, opt_state)
+        d_params = tu.select(finite, d_params, w_dot)
+        d_state = jax.tree.map(
+            lambda new, old: new if getattr(new, "dtype", None) ==
+            jax.dtypes.float0 else jnp.where(finite, new, old),
+            d_state, s_dot)
+    return step, (d_params, d_state)
+
+
+def hvp(train_loss: LossFn, params: PyTree, hyperparams: PyTree,
+        batch: DataBatch, vector: PyTree) -> PyTree:
+    r"""Hessian-vector product :math:`H v` with :math:`H = \partial^2
+    L_{tr} / \partial w^2`, forward-over-reverse (a JVP of the gradient).
+
+    Its cost is about two gradient evaluations and its memory that of one;
+    :math:`H` is never formed.
+
+    Args:
+      train_loss: :math:`L_{tr}(w, \lambda; D)`.
+      params: :math:`w`.
+      hyperparams: :math:`\lambda`.
+      batch: :math:`D`.
+      vector: :math:`v`, shaped like ``params``.
+
+    Returns:
+      :math:`H v`, shaped like ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from gradhpo.utils import gradients as gr
+      >>> loss = lambda w, lam, b: jnp.sum(lam * w ** 2)      # H = 2 lam I
+      >>> gr.hvp(loss, jnp.ones(2), 3.0, None, jnp.array([1.0, -1.0]))
+      Array([ 6., -6.], dtype=float32)
+    """
+    return jax.jvp(lambda w: jax.grad(train_loss)(w, hyperparams, batch),
+                   (params,), (vector,))[1]
+
+
+def mixed_product(train_loss: LossFn, params: PyTree, hyperparams: PyTree,
+                  batch: DataBatch, vector: PyTree) -> PyTree:
+    r"""The mixed product :math:`M^	op v` with :math:`M =
+    \partial^2 L_{tr} / \partial w\, \partial\lambda`, exactly.
+
+    .. math::
+
+       M^	op v = 
+abla_\lambda \langle 
+abla_w L_{tr}(w, \lambda), v
+       
+angle = rac{d}{d\epsilon} 
+abla_\lambda L_{tr}(w + \epsilon v,
+       \lambda) \Big|_{\epsilon = 0},
+
+    the right-hand form by forward-over-reverse (a JVP of
+    :math:`
+abla_\lambda L_{tr}` along :math:`v` in :math:`w`), about two
+    gradient evaluations. :func:`finite_difference_mixed_product` is the
+    DARTS approximation of the same quantity.
+
+    Args:
+      train_loss: :math:`L_{tr}(w, \lambda; D)`.
+      params: :math:`w`.
+      hyperparams: :math:`\lambda`.
+      batch: :math:`D`.
+      vector: :math:`v`, shaped like ``params``.
+
+    Returns:
+      :math:`M^	op v`, shaped like ``hyperparams`` (zeros for integer
+      leaves).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from gradhpo.utils import gradients as gr
+      >>> loss = lambda w, lam, b: 0.5 * lam * jnp.sum(w ** 2)  # M = w
+      >>> float(gr.mixed_product(loss, jnp.array([1.0, 2.0]), 0.5, None,
+      ...                        jnp.array([3.0, 1.0])))
+      5.0
+    """
+    lam_f, lam_rest = tu.partition_float(hyperparams)
+    grad_lam = jax.grad(
+        lambda lam, w: train_loss(w, tu.combine(lam, lam_rest), batch))
+    _, out = jax.jvp(lambda w: grad_lam(lam_f, w), (params,), (vector,))
+    return tu.fill_none(out, hyperparams)
 
 
 def outer_update(outer_optimizer: optax.GradientTransformation,

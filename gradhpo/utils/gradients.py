@@ -357,8 +357,8 @@ def inner_step_jvp(
 
     .. math::
 
-       (\dot w^+, \dot s^+) = rac{\partial \Phi}{\partial (w, s)}
-       (\dot w, \dot s) + rac{\partial \Phi}{\partial \lambda}
+       (\dot w^+, \dot s^+) = \frac{\partial \Phi}{\partial (w, s)}
+       (\dot w, \dot s) + \frac{\partial \Phi}{\partial \lambda}
        \dot\lambda,
 
     by :func:`jax.jvp` through the real inner step (the optimizer's state,
@@ -452,22 +452,18 @@ def hvp(train_loss: LossFn, params: PyTree, hyperparams: PyTree,
 
 def mixed_product(train_loss: LossFn, params: PyTree, hyperparams: PyTree,
                   batch: DataBatch, vector: PyTree) -> PyTree:
-    r"""The mixed product :math:`M^	op v` with :math:`M =
+    r"""The mixed product :math:`M^\top v` with :math:`M =
     \partial^2 L_{tr} / \partial w\, \partial\lambda`, exactly.
 
     .. math::
 
-       M^	op v = 
-abla_\lambda \langle 
-abla_w L_{tr}(w, \lambda), v
+       M^\top v = \nabla_\lambda \langle \nabla_w L_{tr}(w, \lambda), v
        
-angle = rac{d}{d\epsilon} 
-abla_\lambda L_{tr}(w + \epsilon v,
+angle = \frac{d}{d\epsilon} \nabla_\lambda L_{tr}(w + \epsilon v,
        \lambda) \Big|_{\epsilon = 0},
 
     the right-hand form by forward-over-reverse (a JVP of
-    :math:`
-abla_\lambda L_{tr}` along :math:`v` in :math:`w`), about two
+    :math:`\nabla_\lambda L_{tr}` along :math:`v` in :math:`w`), about two
     gradient evaluations. :func:`finite_difference_mixed_product` is the
     DARTS approximation of the same quantity.
 
@@ -479,7 +475,7 @@ abla_\lambda L_{tr}` along :math:`v` in :math:`w`), about two
       vector: :math:`v`, shaped like ``params``.
 
     Returns:
-      :math:`M^	op v`, shaped like ``hyperparams`` (zeros for integer
+      :math:`M^\top v`, shaped like ``hyperparams`` (zeros for integer
       leaves).
 
     Example:

@@ -458,8 +458,7 @@ def mixed_product(train_loss: LossFn, params: PyTree, hyperparams: PyTree,
     .. math::
 
        M^\top v = \nabla_\lambda \langle \nabla_w L_{tr}(w, \lambda), v
-       
-angle = \frac{d}{d\epsilon} \nabla_\lambda L_{tr}(w + \epsilon v,
+       \rangle = \frac{d}{d\epsilon} \nabla_\lambda L_{tr}(w + \epsilon v,
        \lambda) \Big|_{\epsilon = 0},
 
     the right-hand form by forward-over-reverse (a JVP of

@@ -227,6 +227,26 @@ class OneShotWarmStart(BilevelOptimizer):
             key=key, hypergradient=nan,
             delta=tu.zeros_like(state.hyperparams)))
 
+    def check_state(self, state: BilevelState, train_batch: DataBatch,
+                    val_batch: DataBatch) -> None:
+        super().check_state(state, train_batch, val_batch)
+        if self.lookahead == 1 or not jax.tree.leaves(val_batch):
+            return
+        # V is one batch: a val_batch laid out like train_batch (with the
+        # lookahead axis) would be averaged over K copies silently
+        if jax.tree.structure(val_batch) == jax.tree.structure(train_batch)\
+                and all(jnp.shape(t)[:1] == (self.lookahead,)
+                        for t in jax.tree.leaves(train_batch)) \
+                and all(jnp.ndim(v) == jnp.ndim(t) for v, t in zip(
+                    jax.tree.leaves(val_batch),
+                    jax.tree.leaves(train_batch))):
+            raise ValueError(
+                f"val_batch must be one validation batch V without the "
+                f"lookahead axis (only train_batch carries it, length "
+                f"{self.lookahead}); its leaves have the ndim of "
+                "train_batch's leaves, "
+                f"{[jnp.ndim(v) for v in jax.tree.leaves(val_batch)]}.")
+
     def _check_bounds(self, hyperparams: PyTree) -> None:
         """Checks ``bounds`` against the hyperparameters' tree, once per
         tree signature and configuration: the Optuna helper calls ``init``
@@ -322,7 +342,7 @@ class OneShotWarmStart(BilevelOptimizer):
             (j, train_loss), g = grad_fn(lam)
             # one reduction: the finiteness check and, kept, the norm
             g_sq = tu.sum_squares(g)
-            ok = jnp.isfinite(g_sq)
+            ok = jnp.isfinite(g_sq) & jnp.isfinite(j)
             delta, new_outer = self._proposal(
                 tu.select(ok, g, tu.zeros_like(g)), lam, outer, rest,
                 state.hyperparams)
@@ -330,6 +350,8 @@ class OneShotWarmStart(BilevelOptimizer):
                 key, sub = jax.random.split(key)
                 delta = self._random_like(sub, delta)
             proposed = tu.add(lam, delta)
+            # the result too (an outer optimizer with a NaN rate, overflow)
+            ok = ok & tu.all_finite(proposed)
             if self.bounds is not None:
                 projected = jax.tree.map(jnp.clip, proposed, lo, hi)
                 moved = jax.tree.map(lambda a, b: jnp.any(a != b),

@@ -18,6 +18,7 @@ import copy
 import functools
 import inspect
 import numbers
+import warnings
 import weakref
 from typing import Any, Callable, Dict, Optional
 
@@ -95,6 +96,36 @@ class _Compiled:
         #: host-side checks already done, keyed by the caller (e.g. the
         #: warm start's bounds check per hyperparameter tree signature)
         self.checked: set = set()
+        self.calls = 0
+        self.warned = False
+
+    #: How often (in calls) the skip count of the incoming state is read.
+    WATCH_EVERY = 64
+
+    def watch(self, state: BilevelState, owner: str) -> None:
+        """Warns once per configuration when steps are being skipped for
+        non-finite values (training that diverges says so). Every
+        :attr:`WATCH_EVERY` calls it reads the incoming state's
+        ``nonfinite_count``, and only if it is already computed: it never
+        waits for the device, and it is silent under a user's trace."""
+        if self.warned:
+            return
+        self.calls += 1
+        if self.calls % self.WATCH_EVERY != 1:
+            return
+        count = state.metadata.get("nonfinite_count")
+        if not isinstance(count, jax.Array) or isinstance(
+                count, jax.core.Tracer) or not count.is_ready():
+            return
+        skipped = int(np.max(np.asarray(count)))
+        if skipped > 0:
+            self.warned = True
+            warnings.warn(
+                f"{owner}: {skipped} update(s) were skipped so far because "
+                "of non-finite values (state.metadata['nonfinite_count']); "
+                "training may be diverging: lower the learning rates or "
+                "check the data and losses. (Shown once per optimizer "
+                "configuration.)", RuntimeWarning, stacklevel=3)
 
     def function(self, method: Callable, check: bool) -> Callable:
         fn = self.functions.get(method.__name__)
@@ -180,7 +211,10 @@ def compiled(method: Optional[Callable] = None, *,
         if bundle is None:
             # the configuration copy, called from inside a trace
             return method(self, *args)
-        return bundle.function(method, check_batches)(*args)
+        out = bundle.function(method, check_batches)(*args)
+        if check_batches:
+            bundle.watch(args[0], type(self).__name__)
+        return out
     return wrapper
 
 
@@ -528,7 +562,8 @@ class BilevelOptimizer(abc.ABC, metaclass=_OptimizerMeta):
                                         state.inner_opt_state)
         sq = tu.sum_squares(hypergradient)
         # a hypergradient through a skipped inner step is not applied either
-        outer_ok = jnp.isfinite(sq) & inner.finite
+        outer_ok = (jnp.isfinite(sq) & inner.finite
+                    & jnp.isfinite(jnp.asarray(val_loss)))
         safe = tu.select(outer_ok, hypergradient, tu.zeros_like(hypergradient))
         if outer is None:
             new_hp, new_outer = gr.outer_update(
@@ -537,6 +572,9 @@ class BilevelOptimizer(abc.ABC, metaclass=_OptimizerMeta):
             outer_meta = {}
         else:
             new_hp, new_outer, outer_meta = outer(state, safe)
+        # the result too: an outer update can overflow, or an outer
+        # optimizer with a NaN rate turn a finite hypergradient into NaN
+        outer_ok = outer_ok & tu.all_finite(new_hp)
         new_hp = tu.select(outer_ok, new_hp, state.hyperparams)
         new_outer = tu.select(outer_ok, new_outer, state.outer_opt_state)
         if inner_skips is None:
@@ -577,14 +615,73 @@ class BilevelOptimizer(abc.ABC, metaclass=_OptimizerMeta):
                          state.hyperparams, train_one)
         self._check_loss("val_loss", self.val_loss, state.params,
                          state.hyperparams, val_one)
+        self._warn_unused(state, train_one, val_one)
 
     @staticmethod
     def _check_loss(name: str, loss: LossFn, params: PyTree,
                     hyperparams: PyTree, batch: DataBatch) -> None:
-        """Checks ``loss`` returns a floating scalar, by shape evaluation."""
-        val.check_scalar_loss(
-            jax.eval_shape(loss, *_abstract((params, hyperparams, batch))),
-            name)
+        """Checks ``loss`` runs on the state's shapes and returns a floating
+        scalar, by shape evaluation; a failure inside the user's loss is
+        reported with what it was called with."""
+        args = _abstract((params, hyperparams, batch))
+        try:
+            out = jax.eval_shape(loss, *args)
+        except (KeyError, IndexError) as e:
+            raise ValueError(
+                f"{name}(params, hyperparams, batch) raised "
+                f"{type(e).__name__}: {e} on the state's arrays; it reads an "
+                "entry that is not there. The state holds "
+                f"{_leaf_names(hyperparams)}: add the missing "
+                "hyperparameter at init, or fix its name.") from e
+        except (TypeError, ValueError, AttributeError) as e:
+            error = TypeError if isinstance(e, TypeError) else ValueError
+            raise error(
+                f"{name}(params, hyperparams, batch) failed on the state's "
+                f"arrays with {type(e).__name__}: {e}. Losses are called as "
+                "loss(params, hyperparams, batch): check the argument order "
+                f"and the shapes (params: {_shapes(params)}, hyperparams: "
+                f"{_shapes(hyperparams)}).") from e
+        val.check_scalar_loss(out, name)
+
+    def _warn_unused(self, state: BilevelState, train_one: DataBatch,
+                     val_one: DataBatch) -> None:
+        """Warns about floating hyperparameters that neither loss nor the
+        inner optimizer reads (a misspelled name): their hypergradient is
+        always zero. Traced once per compilation, on shapes only."""
+        lam_f, rest = tu.partition_float(state.hyperparams)
+        leaves = jax.tree.leaves(lam_f)
+        if not leaves:
+            return
+
+        def uses(lam_f, params, opt_state, train, valid):
+            lam = tu.combine(lam_f, rest)
+            grads = tu.zeros_like(params)
+            update = gr.apply_inner_update(self.inner_optimizer, grads,
+                                           opt_state, params, lam)
+            return (self.train_loss(params, lam, train),
+                    self.val_loss(params, lam, valid), update)
+        try:
+            jaxpr = jax.make_jaxpr(uses)(*_abstract(
+                (lam_f, state.params, state.inner_opt_state, train_one,
+                 val_one))).jaxpr
+        except Exception:   # pragma: no cover - the step will report it
+            return
+        used = set()
+        for eqn in jaxpr.eqns:
+            used.update(v for v in eqn.invars if not hasattr(v, "val"))
+        used.update(v for v in jaxpr.outvars if not hasattr(v, "val"))
+        paths = [jax.tree_util.keystr(p) for p, _ in
+                 jax.tree_util.tree_flatten_with_path(lam_f)[0]]
+        unused = [p for p, v in zip(paths, jaxpr.invars[:len(leaves)])
+                  if v not in used]
+        if unused:
+            warnings.warn(
+                f"{type(self).__name__}: "
+                f"{', '.join('hyperparams' + p for p in unused)} "
+                "is read by neither train_loss, val_loss nor "
+                "inner_optimizer, so its hypergradient is always zero. A "
+                "misspelled name? Remove it, or make it an integer to hold "
+                "it fixed.", UserWarning, stacklevel=2)
 
     def _init_inner_state(self, params: PyTree,
                           hyperparams: PyTree) -> PyTree:
@@ -604,6 +701,15 @@ class BilevelOptimizer(abc.ABC, metaclass=_OptimizerMeta):
                 f"optax.GradientTransformation, got {type(tx).__name__}; "
                 "write e.g. lambda hp: optax.sgd(hp['lr']).")
         return tx.init(params)
+
+
+def _leaf_names(tree: PyTree) -> str:
+    return ", ".join("hyperparams" + jax.tree_util.keystr(p) for p, _ in
+                     jax.tree_util.tree_flatten_with_path(tree)[0])
+
+
+def _shapes(tree: PyTree) -> Any:
+    return jax.tree.map(lambda x: tuple(jnp.shape(x)), tree)
 
 
 def _abstract(tree: PyTree) -> PyTree:

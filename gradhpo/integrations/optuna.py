@@ -203,6 +203,11 @@ class OptunaWarmStart:
 
     def _names(self, trial: Any, names: Optional[Sequence[str]]
                ) -> List[str]:
+        if not all(hasattr(trial, a) for a in (
+                "params", "distributions", "user_attrs", "set_user_attr")):
+            raise TypeError(
+                "trial must be an optuna Trial or FrozenTrial (the objective's "
+                f"argument), got {type(trial).__name__}.")
         names = self.names if names is None else self._check_names(names)
         if names is None:
             names = list(trial.params)

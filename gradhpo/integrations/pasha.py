@@ -493,7 +493,7 @@ class PASHAPruner(optuna.pruners.BasePruner):
                                 "min_early_stopping_rate", minimum=0)
         if max_resource is not None:
             max_resource = val.check_int(max_resource, "max_resource",
-                                         minimum=1)
+                                         minimum=self._r)
         self._max_resource = max_resource
         if isinstance(epsilon, str):
             val.check_choice(epsilon, "epsilon", ("auto",))

@@ -119,7 +119,8 @@ class InnerStep(NamedTuple):
       params: :math:`w^+`.
       opt_state: :math:`s^+`.
       loss: the training loss :math:`L_{tr}(w, \\lambda; D)` before the step.
-      finite: whether the inner gradient was finite (a boolean scalar).
+      finite: whether the inner gradient, the loss and :math:`w^+` are
+        finite (a boolean scalar).
     """
 
     params: PyTree
@@ -133,16 +134,22 @@ def inner_step(train_loss: LossFn, inner_optimizer: InnerOptimizer,
                batch: DataBatch, guard: bool = False) -> InnerStep:
     """One inner optimizer step :math:`\\Phi(w, s, \\lambda; D)`.
 
-    Pure and differentiable in ``params`` and ``hyperparams``. With
-    ``guard``, a non-finite gradient leaves ``(params, opt_state)``
-    unchanged (see :func:`apply_inner_update`); otherwise callers decide
-    what to do when ``finite`` is false.
+    Pure and differentiable in ``params`` and ``hyperparams``. ``finite``
+    is false when the gradient, the loss value or the updated weights are
+    non-finite (a finite gradient can still overflow the update, e.g. with
+    a huge learning rate). With ``guard``, such a step leaves ``(params,
+    opt_state)`` unchanged; otherwise callers decide what to do.
     """
     loss, grads = jax.value_and_grad(train_loss)(params, hyperparams, batch)
-    finite = tu.all_finite(grads)
     new_params, new_state = apply_inner_update(
-        inner_optimizer, grads, opt_state, params, hyperparams,
-        finite if guard else None)
+        inner_optimizer, grads, opt_state, params, hyperparams)
+    # the results are guarded too: a finite gradient can still overflow
+    # the update, and a non-finite loss value must not be recorded
+    finite = (tu.all_finite(grads) & jnp.isfinite(loss)
+              & tu.all_finite(new_params))
+    if guard:
+        new_params = tu.select(finite, new_params, params)
+        new_state = tu.select(finite, new_state, opt_state)
     return InnerStep(new_params, new_state, loss, finite)
 
 
@@ -303,7 +310,6 @@ def finite_difference_step(
     """
     lam_f, lam_rest = tu.partition_float(hyperparams)
     loss, grads = jax.value_and_grad(train_loss)(params, hyperparams, batch)
-    finite = tu.all_finite(grads)
 
     def update(g, lam):
         # unguarded: the VJP of a guarded update would materialise the
@@ -331,6 +337,8 @@ def finite_difference_step(
             return mixed
         return tu.add(tu.fill_none(opt_term, hyperparams), mixed)
 
+    finite = (tu.all_finite(grads) & jnp.isfinite(loss)
+              & tu.all_finite(new_params))
     step = InnerStep(new_params, new_state, loss, finite)
     if guard:
         step = guard_inner_step(step, params, opt_state)

@@ -78,6 +78,10 @@ def init_population(optimizer, params: PyTree,
       >>> states.hyperparams.shape
       (3,)
     """
+    if not hasattr(optimizer, "init") or not hasattr(optimizer, "step"):
+        raise TypeError(
+            "optimizer must be a gradhpo.BilevelOptimizer (e.g. gh.T1T2(...)"
+            f"), got {type(optimizer).__name__}.")
     if not isinstance(hyperparams, (list, tuple)):
         raise TypeError(
             "hyperparams must be a list or tuple of hyperparameter pytrees "
@@ -123,7 +127,21 @@ def make_mesh(devices: Optional[Sequence[jax.Device]] = None,
       >>> mesh.shape["batch"] == len(jax.devices())
       True
     """
-    devices = list(jax.devices() if devices is None else devices)
+    if devices is None:
+        devices = jax.devices()
+    if isinstance(devices, (str, bytes)) or not isinstance(
+            devices, (list, tuple, np.ndarray)):
+        raise TypeError(
+            "devices must be None (all devices) or a non-empty list of "
+            f"jax.Device (e.g. jax.devices()[:4]), got {devices!r}.")
+    devices = list(devices)
+    if not devices or not all(isinstance(d, jax.Device) for d in devices):
+        raise ValueError(
+            "devices must be a non-empty list of jax.Device (e.g. "
+            f"jax.devices()[:4]), got {devices!r}.")
+    if not isinstance(axis_name, str) or not axis_name:
+        raise TypeError(f"axis_name must be a non-empty str, got "
+                        f"{axis_name!r}.")
     return Mesh(np.array(devices), (axis_name,))
 
 
@@ -138,7 +156,18 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
       >>> w["w"].sharding.is_fully_replicated
       True
     """
+    _check_mesh(mesh)
     return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def _check_mesh(mesh: Mesh, axis_name: Optional[str] = None) -> None:
+    if not isinstance(mesh, Mesh):
+        raise TypeError("mesh must be a jax.sharding.Mesh (from "
+                        f"gradhpo.make_mesh()), got {type(mesh).__name__}.")
+    if axis_name is not None and axis_name not in mesh.shape:
+        raise ValueError(
+            f"axis_name must be an axis of the mesh, one of "
+            f"{list(mesh.shape)}; got {axis_name!r}.")
 
 
 def shard_batch(batch: DataBatch, mesh: Mesh,
@@ -161,6 +190,10 @@ def shard_batch(batch: DataBatch, mesh: Mesh,
       >>> x.shape
       (8, 3)
     """
+    _check_mesh(mesh, axis_name)
+    if isinstance(axis, bool) or not isinstance(axis, int) or axis < 0:
+        raise ValueError(f"axis must be an int >= 0 (the example axis of "
+                         f"every leaf), got {axis!r}.")
     n = mesh.shape[axis_name]
 
     def put(x):

@@ -402,6 +402,12 @@ def check_option_shapes(option: Any, hyperparams: PyTree,
 
 def check_scalar_loss(out: Any, name: str) -> None:
     """A loss output (from :func:`jax.eval_shape`) is a floating scalar."""
+    if isinstance(out, (tuple, list, dict)):
+        raise ValueError(
+            f"{name} must return one floating scalar, got a "
+            f"{type(out).__name__} of {len(out)} values (e.g. (loss, aux)); "
+            "return only the loss and compute auxiliary values in a "
+            "separate function.")
     shape = getattr(out, "shape", None)
     dtype = getattr(out, "dtype", None)
     if shape != () or dtype is None or not jnp.issubdtype(dtype,

@@ -28,7 +28,7 @@ def _hp_loss(w, hp, batch):
     return TL(w, hp["l2"], batch)
 
 
-# -- guards on the results ------------------------------------------------------
+# -- guards on the results ----------------------------------------------------
 
 def test_an_overflowing_inner_update_is_skipped_and_counted():
     """With optax.sgd(1e10) and large data the gradient is finite but the
@@ -136,7 +136,7 @@ def test_unused_hyperparameter_is_reported():
                           TRAIN, VAL)
 
 
-# -- the bad-input table --------------------------------------------------------
+# -- the bad-input table ------------------------------------------------------
 
 def _trial(params=None):
     dist = optuna.distributions.FloatDistribution(1e-3, 1.0, log=True)
@@ -188,7 +188,7 @@ BAD_INPUTS = [
      lambda: gh.T1T2(TL, VL, lambda hp: 0.1, optax.sgd(0.1)).init(W0, LAM),
      TypeError, r"inner_optimizer\(hyperparams\) must return an "
      r"optax.GradientTransformation, got float"),
-    # -- populations and devices ---------------------------------------------------
+    # -- populations and devices ----------------------------------------------
     ("population-none-optimizer",
      lambda: gh.init_population(None, W0, [LAM]), TypeError,
      r"optimizer must be a gradhpo.BilevelOptimizer .*got NoneType"),
@@ -228,7 +228,7 @@ BAD_INPUTS = [
      ValueError, r"batch leaves must have an axis 3 divisible by"),
     ("shard-no-mesh", lambda: gh.shard_batch(TRAIN, "mesh"), TypeError,
      r"mesh must be a jax.sharding.Mesh"),
-    # -- Optuna -----------------------------------------------------------------
+    # -- Optuna ---------------------------------------------------------------
     ("trial-none", lambda: warm_start_trial(None, _warm(), W0, TRAIN, VAL),
      TypeError, r"trial must be an optuna Trial or FrozenTrial .*got "
      r"NoneType"),
@@ -250,7 +250,7 @@ BAD_INPUTS = [
     ("pasha-eta-one",
      lambda: PASHAPruner(min_resource=1, reduction_factor=1), ValueError,
      r"reduction_factor must be an int >= 2, got 1"),
-    # -- checkpoints --------------------------------------------------------------
+    # -- checkpoints ----------------------------------------------------------
     ("save-string-leaf",
      lambda: gh.save_state("/tmp/gradhpo-bad.npz", {"note": "x"}),
      TypeError, r"state\['note'\] is str with dtype <U1; checkpoints hold "

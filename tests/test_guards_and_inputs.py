@@ -273,3 +273,12 @@ def test_bad_input_is_a_clear_error(thunk, error, message):
     with pytest.raises(error, match=message) as info:
         thunk()
     assert type(info.value) is error
+
+
+def test_estimate_theta_names_its_own_argument():
+    opt = gh.HyperDistill(TL, VL, optax.sgd(0.1), optax.sgd(0.1))
+    state = opt.init(W0, LAM, batch=TRAIN)
+    with pytest.raises(ValueError, match=r"train_batches must stack T "
+                       r"training batches on a leading axis.*\(3, 2\), "
+                       r"\(3,\)"):
+        opt.estimate_theta(state, TRAIN, VAL)     # the T axis forgotten

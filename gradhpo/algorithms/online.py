@@ -459,6 +459,14 @@ class HyperDistill(BilevelOptimizer):
         """
         lam = state.hyperparams
         horizon = tu.first_axis_length(train_batches, "train_batches")
+        if any(jnp.ndim(x) < 2 for x in jax.tree.leaves(train_batches)):
+            raise ValueError(
+                "train_batches must stack T training batches on a leading "
+                "axis, so every leaf has the T axis and the example axis "
+                "(ndim >= 2); got leaf shapes "
+                f"{[jnp.shape(x) for x in jax.tree.leaves(train_batches)]}. "
+                "Stack them with jax.tree.map(lambda *x: jnp.stack(x), "
+                "*batches).")
 
         def forward(carry, batch):
             out = gr.inner_step(self.train_loss, self.inner_optimizer,

@@ -658,8 +658,11 @@ class BilevelOptimizer(abc.ABC, metaclass=_OptimizerMeta):
             grads = tu.zeros_like(params)
             update = gr.apply_inner_update(self.inner_optimizer, grads,
                                            opt_state, params, lam)
+            # the optimizer's init may read one too (e.g. an initial
+            # accumulator value)
+            initial = gr.init_inner_state(self.inner_optimizer, params, lam)
             return (self.train_loss(params, lam, train),
-                    self.val_loss(params, lam, valid), update)
+                    self.val_loss(params, lam, valid), update, initial)
         try:
             jaxpr = jax.make_jaxpr(uses)(*_abstract(
                 (lam_f, state.params, state.inner_opt_state, train_one,

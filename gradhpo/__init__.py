@@ -8,8 +8,12 @@ optimizer interface shared by every algorithm.
 
 from gradhpo.core.base import BilevelOptimizer
 from gradhpo.core.state import BilevelState
+from gradhpo.algorithms.forward_mode import ForwardMode
+from gradhpo.algorithms.forward_mode import ForwardModeState
 from gradhpo.algorithms.greedy import Greedy
 from gradhpo.algorithms.greedy import GreedyState
+from gradhpo.algorithms.implicit import Implicit
+from gradhpo.algorithms.implicit import ImplicitState
 from gradhpo.algorithms.online import HyperDistill
 from gradhpo.algorithms.online import HyperDistillState
 from gradhpo.algorithms.t1_t2 import T1T2
@@ -28,10 +32,14 @@ __version__ = "0.2.0"
 __all__ = [
     "BilevelOptimizer",
     "BilevelState",
+    "ForwardMode",
+    "ForwardModeState",
     "Greedy",
     "GreedyState",
     "HyperDistill",
     "HyperDistillState",
+    "Implicit",
+    "ImplicitState",
     "OneShotWarmStart",
     "OneShotWarmStartState",
     "T1T2",

@@ -81,6 +81,14 @@ ALGORITHMS = {
     "warm_start": (lambda tl, vl, lr, outer: gh.OneShotWarmStart(
         tl, vl, optax.sgd(lr), outer, lookahead=LOOKAHEAD),
         (LOOKAHEAD, None)),
+    "forward_mode": (lambda tl, vl, lr, outer: gh.ForwardMode(
+        tl, vl, optax.sgd(lr, momentum=0.5), outer), (None, None)),
+    "implicit_cg": (lambda tl, vl, lr, outer: gh.Implicit(
+        tl, vl, optax.sgd(lr), outer, solver="cg", terms=5, damping=0.1),
+        (None, None)),
+    "implicit_neumann": (lambda tl, vl, lr, outer: gh.Implicit(
+        tl, vl, optax.sgd(lr), outer, solver="neumann", terms=5,
+        neumann_scale=lr), (None, None)),
 }
 
 

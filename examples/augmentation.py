@@ -61,6 +61,9 @@ from tqdm import tqdm
 import gradhpo as gh
 
 import data_utils  # the examples' data loaders (examples/ is on sys.path)
+from common import (float_in, fraction, name_list, nonnegative_float,
+                    nonnegative_int, number_list, positive_float,
+                    positive_int, seed_int)
 
 COST_PER_STEP = {"T1-T2": 3, "HyperDistill": 3}
 NAMES = ("shift", "noise")
@@ -285,31 +288,35 @@ def parse_args(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", help="directory with MNIST IDX files "
                    "(default: scikit-learn's digits)")
-    p.add_argument("--steps", type=int, default=1500,
+    p.add_argument("--steps", type=positive_int, default=1500,
                    help="inner steps of each tuned run")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--lr", type=float, default=0.05,
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--hidden", type=positive_int, default=256)
+    p.add_argument("--lr", type=positive_float, default=0.05,
                    help="SGD learning rate (momentum 0.9)")
-    p.add_argument("--outer-lr", type=float, default=0.05,
+    p.add_argument("--outer-lr", type=positive_float, default=0.05,
                    help="Adam learning rate of the magnitude logits")
-    p.add_argument("--init-magnitude", type=float, default=0.2,
-                   help="initial m_shift = m_noise of the tuned runs")
-    p.add_argument("--max-shift", type=float, default=0.25,
+    p.add_argument("--init-magnitude", type=fraction, default=0.2,
+                   help="initial m_shift = m_noise of the tuned runs, in "
+                   "[0, 1]")
+    p.add_argument("--max-shift", type=fraction, default=0.25,
                    help="largest translation (m = 1) as a fraction of the "
-                   "image side")
-    p.add_argument("--max-noise", type=float, default=0.5,
+                   "image side, in [0, 1]")
+    p.add_argument("--max-noise", type=nonnegative_float, default=0.5,
                    help="largest pixel-noise std (m = 1), pixels in [0, 1]")
     p.add_argument("--grid", default="0.2,0.5,0.8",
-                   help="fixed magnitudes m_shift = m_noise to compare")
+                   type=number_list(float_in(0.0, 1.0, low_open=True)),
+                   help="fixed magnitudes m_shift = m_noise to compare, "
+                   "in (0, 1]")
     p.add_argument("--methods", default="T1-T2,HyperDistill",
+                   type=name_list(COST_PER_STEP),
                    help="comma-separated tuned methods: T1-T2, HyperDistill")
-    p.add_argument("--gamma", type=float, default=0.9,
-                   help="HyperDistill discount")
-    p.add_argument("--max-train", type=int, default=0,
+    p.add_argument("--gamma", type=fraction, default=0.9,
+                   help="HyperDistill discount, in [0, 1]")
+    p.add_argument("--max-train", type=nonnegative_int, default=0,
                    help="use at most this many training examples (0: all)")
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=positive_int, default=50)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--out", default="runs/augmentation",
                    help="directory for plots and results.json")
     p.add_argument("--quick", action="store_true",
@@ -318,16 +325,9 @@ def parse_args(argv=None):
     if args.quick:
         args.steps, args.eval_every, args.hidden = 40, 10, 32
         args.max_train = args.max_train or 300
-    grid = [float(g) for g in args.grid.split(",") if g.strip()]
-    if not grid or any(not 0.0 < g <= 1.0 for g in grid):
-        p.error(f"--grid must be magnitudes in (0, 1]; got {args.grid!r}")
-    args.grid_values = grid
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(methods) - set(COST_PER_STEP))
-    if unknown:
-        p.error(f"unknown --methods {unknown}; choose from "
-                f"{sorted(COST_PER_STEP)}")
-    args.method_list = methods
+    # both checked by their types: magnitudes in (0, 1], known methods
+    args.grid_values = [float(g) for g in args.grid.split(",")]
+    args.method_list = args.methods.split(",")
     return args
 
 

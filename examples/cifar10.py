@@ -80,6 +80,8 @@ import gradhpo as gh
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import data_utils  # noqa: E402  (the examples' data loaders)
 from augmentation import augment  # noqa: E402  (the sibling example)
+from common import (float_in, nonnegative_int, open_fraction,  # noqa: E402
+                    positive_float, positive_int, seed_int)
 
 MAX_SHIFT = 4.0     # pixels at m = 1: the standard pad-4 random crop
 MAX_NOISE = 0.25    # pixel-noise std at m = 1, standardised units
@@ -355,27 +357,32 @@ def parse_args(argv=None):
         epilog="Needs the CIFAR-10 python batches (--data-dir) unless "
                "--quick.")
     p.add_argument("--data-dir", help="cifar-10-batches-py or its parent")
-    p.add_argument("--steps", type=int, default=5000,
+    p.add_argument("--steps", type=positive_int, default=5000,
                    help="inner steps of each run")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.1,
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--lr", type=positive_float, default=0.1,
                    help="peak SGD learning rate (cosine decay, momentum 0.9)")
-    p.add_argument("--outer-lr", type=float, default=0.01,
+    p.add_argument("--outer-lr", type=positive_float, default=0.01,
                    help="Adam learning rate of the hyperparameters")
-    p.add_argument("--init-wd", type=float, default=5e-4)
-    p.add_argument("--init-smoothing", type=float, default=0.05)
-    p.add_argument("--init-magnitude", type=float, default=0.5)
-    p.add_argument("--width", type=int, default=16,
+    p.add_argument("--init-wd", type=positive_float, default=5e-4,
+                   help="initial weight decay (> 0: it is log-parametrised)")
+    p.add_argument("--init-smoothing", default=0.05,
+                   type=float_in(0.0, MAX_SMOOTHING, low_open=True,
+                                 high_open=True),
+                   help=f"initial label smoothing, in (0, {MAX_SMOOTHING})")
+    p.add_argument("--init-magnitude", type=open_fraction, default=0.5,
+                   help="initial augmentation magnitude, in (0, 1)")
+    p.add_argument("--width", type=positive_int, default=16,
                    help="channels of the first stage (ResNet-20: 16)")
-    p.add_argument("--blocks", type=int, default=3,
+    p.add_argument("--blocks", type=positive_int, default=3,
                    help="basic blocks per stage (ResNet-20: 3)")
-    p.add_argument("--max-train", type=int, default=0,
+    p.add_argument("--max-train", type=nonnegative_int, default=0,
                    help="use at most this many training images (0: all)")
-    p.add_argument("--eval-every", type=int, default=250)
-    p.add_argument("--eval-size", type=int, default=1000,
-                   help="validation images for the curve (the final row "
-                   "uses them all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=positive_int, default=250)
+    p.add_argument("--eval-size", type=nonnegative_int, default=1000,
+                   help="validation images for the curve (0: all; the "
+                   "final row uses them all)")
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--out", default="runs/cifar10",
                    help="directory for plots and results.json")
     p.add_argument("--quick", action="store_true",

@@ -68,6 +68,8 @@ from tqdm import tqdm
 import gradhpo as gh
 
 from common import evaluate, init_mlp, load_flat_splits, logits, take
+from common import (float_in, fraction, nonnegative_int, open_fraction,
+                    positive_float, positive_int, seed_int)
 
 NUM_CLASSES = 10
 #: gradient evaluations per inner step (see the module docstring)
@@ -189,25 +191,28 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", help="directory with MNIST IDX files")
-    p.add_argument("--corrupt", type=float, default=0.3,
-                   help="fraction of training labels corrupted")
-    p.add_argument("--steps", type=int, default=2000,
-                   help="inner steps per method")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--val-batch-size", type=int, default=0,
+    p.add_argument("--corrupt", type=open_fraction, default=0.3,
+                   help="fraction of training labels corrupted, in (0, 1)")
+    p.add_argument("--steps", type=positive_int, default=2000,
+                   help="inner steps per method (a multiple of --horizon)")
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--val-batch-size", type=nonnegative_int, default=0,
                    help="validation batch size (0: the whole set)")
-    p.add_argument("--hidden", type=int, default=0,
+    p.add_argument("--hidden", type=nonnegative_int, default=0,
                    help="hidden units of a one-hidden-layer MLP (0: linear)")
-    p.add_argument("--inner-lr", type=float, default=0.1)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--outer-lr", type=float, default=0.1,
+    p.add_argument("--inner-lr", type=positive_float, default=0.1)
+    p.add_argument("--momentum", default=0.9,
+                   type=float_in(0.0, 1.0, high_open=True),
+                   help="SGD momentum, in [0, 1)")
+    p.add_argument("--outer-lr", type=positive_float, default=0.1,
                    help="Adam step on the weight logits alpha")
-    p.add_argument("--horizon", type=int, default=5, help="Greedy horizon")
-    p.add_argument("--gamma", type=float, default=0.9,
-                   help="Greedy discount")
-    p.add_argument("--max-train", type=int, default=0,
+    p.add_argument("--horizon", type=positive_int, default=5,
+                   help="Greedy horizon")
+    p.add_argument("--gamma", type=fraction, default=0.9,
+                   help="Greedy discount, in [0, 1]")
+    p.add_argument("--max-train", type=nonnegative_int, default=0,
                    help="use at most this many training examples (0: all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--out", default="runs/hyper_cleaning",
                    help="directory for plots and results.json")
     p.add_argument("--quick", action="store_true",
@@ -219,8 +224,6 @@ def parse_args(argv=None):
     if args.steps % args.horizon:
         p.error(f"--steps ({args.steps}) must be a multiple of --horizon "
                 f"({args.horizon})")
-    if not 0.0 < args.corrupt < 1.0:
-        p.error(f"--corrupt must be in (0, 1), got {args.corrupt}")
     return args
 
 

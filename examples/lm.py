@@ -87,6 +87,13 @@ class LMConfig:
     mlp_ratio: int = 4
 
     def __post_init__(self):
+        for name in ("vocab_size", "context", "depth", "width", "heads",
+                     "mlp_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(
+                    value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got "
+                                 f"{value!r}.")
         if self.width % self.heads:
             raise ValueError(f"width must be divisible by heads; got width="
                              f"{self.width}, heads={self.heads}.")

@@ -89,6 +89,9 @@ import gradhpo as gh
 
 from common import batch_indices, evaluate, init_mlp, load_flat_splits, take
 from common import logits
+from common import (fraction, nonnegative_float, nonnegative_int,
+                    number_list, open_fraction, positive_float,
+                    positive_int, seed_int)
 
 #: gradient evaluations per inner step (see the module docstring)
 COST_PER_STEP = {"T1-T2": 3, "Greedy": 3, "fixed": 1}
@@ -213,25 +216,29 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", help="directory with MNIST IDX files")
-    p.add_argument("--steps", type=int, default=1500,
-                   help="inner steps per tuned run")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--weight-decay", type=float, default=1e-2,
+    p.add_argument("--steps", type=positive_int, default=1500,
+                   help="inner steps per tuned run (a multiple of "
+                   "--horizon)")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--hidden", type=positive_int, default=128)
+    p.add_argument("--weight-decay", type=nonnegative_float, default=1e-2,
                    help="fixed L2 coefficient in the training loss")
-    p.add_argument("--init-lr", type=float, default=0.3)
-    p.add_argument("--init-momentum", type=float, default=0.5)
-    p.add_argument("--outer-lr", type=float, default=0.03,
+    p.add_argument("--init-lr", type=positive_float, default=0.3)
+    p.add_argument("--init-momentum", type=open_fraction, default=0.5,
+                   help="initial momentum, in (0, 1)")
+    p.add_argument("--outer-lr", type=positive_float, default=0.03,
                    help="Adam (b2 = 0.99) step on log_lr and mom_logit")
-    p.add_argument("--horizon", type=int, default=10, help="Greedy horizon")
-    p.add_argument("--gamma", type=float, default=0.9,
-                   help="Greedy discount")
+    p.add_argument("--horizon", type=positive_int, default=10,
+                   help="Greedy horizon")
+    p.add_argument("--gamma", type=fraction, default=0.9,
+                   help="Greedy discount, in [0, 1]")
     p.add_argument("--grid", default="0.01,0.03,0.1,0.3",
+                   type=number_list(positive_float),
                    help="fixed learning rates sharing one tuned run's budget")
-    p.add_argument("--max-train", type=int, default=0,
+    p.add_argument("--max-train", type=nonnegative_int, default=0,
                    help="use at most this many training examples (0: all)")
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=positive_int, default=50)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--out", default="runs/lr_tuning",
                    help="directory for plots and results.json")
     p.add_argument("--quick", action="store_true",

@@ -23,11 +23,21 @@ Examples::
     python examples/mnist.py                       # digits, ~1 minute
     python examples/mnist.py --data-dir ../shared/data/mnist --steps 2000
     python examples/mnist.py --per-weight --out runs/mnist
+    python examples/mnist.py --checkpoint-dir ckpt     # killed? then:
+    python examples/mnist.py --checkpoint-dir ckpt --resume
+
+A checkpoint of a method is one folder ``<method>.step-<step>`` in
+``--checkpoint-dir`` (its state and its curve, written together and renamed
+into place atomically); ``--resume`` continues from the newest one and
+refuses one saved with other settings (another ``--seed``, ``--steps``, ...).
 """
 
 import argparse
 import json
 import os
+import re
+import shutil
+import sys
 import time
 
 import jax
@@ -40,8 +50,11 @@ import gradhpo as gh
 
 from common import (batch_indices, cross_entropy, evaluate, init_mlp,
                     load_flat_splits, take)
+from common import (finite_float, fraction, name_list, nonnegative_int,
+                    positive_float, positive_int, seed_int)
 
 COST_PER_STEP = {"T1-T2": 3, "Greedy": 3, "HyperDistill": 3}
+METHODS = ("T1-T2", "Greedy", "HyperDistill", "untuned", "random")
 
 
 # -- data and model -----------------------------------------------------------
@@ -81,24 +94,29 @@ def summarize_hp(hp):
     return f"l2 [{l2}] lr {float(jnp.exp(hp['log_lr'])):.3f}"
 
 
-def run_hpo(name, opt, init_state, train, val, args, calls, per_call):
+def run_hpo(name, opt, init_state, train, val, args, calls, per_call,
+            resume_from=None):
     """Runs one gradient-based method; returns its final state and curve.
 
-    ``init_state()`` builds the initial state; with ``--resume`` and a
-    checkpoint of this method in ``--checkpoint-dir``, the run continues from
-    the checkpoint (the batches of a step are a pure function of the step,
-    so the continued run is bit-for-bit the uninterrupted one).
+    ``init_state()`` builds the initial state; ``resume_from`` (a complete
+    checkpoint found by :func:`find_checkpoint`, with ``--resume``)
+    continues the run from it (the batches of a step are a pure function of
+    the step, so the continued run is bit-for-bit the uninterrupted one).
+    With ``--checkpoint-dir``, the state and the curve so far are saved
+    together every ``--checkpoint-every`` calls and at the end.
     """
     state, curve = None, []
-    ckpt = (os.path.join(args.checkpoint_dir, name)
-            if args.checkpoint_dir else None)
-    if args.resume and os.path.exists(ckpt + ".npz"):
-        state = gh.load_state(ckpt + ".npz", like=init_state())
-        with open(ckpt + ".json") as f:
-            curve = json.load(f)
-        print(f"resuming {name} from {ckpt}.npz at step {int(state.step)}")
+    if resume_from is not None:
+        try:
+            state, curve = load_checkpoint(resume_from, init_state())
+            print(f"resuming {name} from {resume_from['path']} at step "
+                  f"{int(state.step)}")
+        except ValueError as e:   # a damaged file: start over, and say so
+            print(f"note: cannot resume {name} ({e}); it starts over")
+            state, curve = None, []
     if state is None:
         state = init_state()
+    config = run_config(args, name)
     start = int(state.step)
     stacked = per_call if name == "Greedy" and per_call > 1 else None
     for call in tqdm(range(start, calls), desc=name, initial=start,
@@ -111,19 +129,193 @@ def run_hpo(name, opt, init_state, train, val, args, calls, per_call):
         if (call + 1) % args.eval_every == 0 or call + 1 == calls:
             curve.append(_record(state, val, (call + 1) * per_call
                                  * COST_PER_STEP[name]))
-        if ckpt and ((call + 1) % args.checkpoint_every == 0
-                     or call + 1 == calls):
-            _checkpoint(ckpt, state, curve)
+        if args.checkpoint_dir and ((call + 1) % args.checkpoint_every == 0
+                                    or call + 1 == calls):
+            save_checkpoint(args.checkpoint_dir, name, state, curve, config)
     return state, curve
 
 
-def _checkpoint(path, state, curve):
-    """The state (atomically, by gh.save_state) and then the curve so far;
-    a crash between the two leaves a curve one record short at worst."""
-    gh.save_state(path + ".npz", state)
-    with open(path + ".json.tmp", "w") as f:
-        json.dump(curve, f)
-    os.replace(path + ".json.tmp", path + ".json")
+# -- checkpoints --------------------------------------------------------------
+#
+# A checkpoint of method NAME is one folder, ``NAME.step-<step>`` in
+# --checkpoint-dir, holding ``state.npz`` (gh.save_state) and ``run.json``
+# (the run's configuration, the step and the curve so far). Both files are
+# written into a temporary folder ``.tmp-NAME.<pid>``, flushed, and then the
+# folder is renamed into place (one atomic rename), and only then are older
+# checkpoints of NAME removed. A kill at any moment therefore leaves a
+# complete checkpoint (the old or the new one), never a state without its
+# records; the temporary folders of killed writers are removed by the next
+# save. ``--resume`` reads the newest complete checkpoint and refuses one
+# written with other settings (--seed, --steps, ...).
+
+#: Version of the checkpoint layout above (``run.json``'s "format"); the
+#: layout of older versions, ``NAME.npz`` and ``NAME.json`` side by side,
+#: is format 1 and is not resumed (it does not record the settings).
+CHECKPOINT_FORMAT = 2
+STATE_FILE, RUN_FILE = "state.npz", "run.json"
+
+
+def run_config(args, name):
+    """The settings that determine method ``name``'s run: a checkpoint is
+    resumed only by a run with the same values (keys are flag names)."""
+    config = {"method": name,
+              "data_dir": (os.path.abspath(args.data_dir) if args.data_dir
+                           else None),
+              "max_train": args.max_train, "seed": args.seed,
+              "steps": args.steps, "batch_size": args.batch_size,
+              "hidden": args.hidden, "per_weight": args.per_weight,
+              "outer_lr": args.outer_lr, "init_log_l2": args.init_log_l2,
+              "init_log_lr": args.init_log_lr, "eval_every": args.eval_every}
+    if name == "Greedy":
+        config["horizon"] = args.horizon
+    if name in ("Greedy", "HyperDistill"):
+        config["gamma"] = args.gamma
+    return config
+
+
+def _checkpoint_folders(directory, name):
+    """``[(step, path)]`` of the checkpoint folders of ``name``, newest
+    first."""
+    pattern = re.compile(re.escape(name) + r"\.step-(\d+)")
+    try:
+        entries = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    found = [(int(m.group(1)), os.path.join(directory, entry))
+             for entry in entries
+             for m in [pattern.fullmatch(entry)] if m]
+    return sorted(found, reverse=True)
+
+
+def _fsync(path):
+    """Flushes a file or folder to disk (a no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. folders on Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_records(path, records):
+    with open(path, "w") as f:
+        json.dump(records, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _remove_temporaries(directory, name):
+    """Removes the temporary folders of ``name`` left by killed writers
+    (and this process's own, from a failed save)."""
+    prefix = f".tmp-{name}."
+    for entry in os.listdir(directory):
+        pid = entry[len(prefix):].split(".")[0]
+        if not entry.startswith(prefix) or not pid.isdigit():
+            continue
+        if int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+                continue              # its writer is still running
+            except ProcessLookupError:
+                pass
+            except OSError:           # pragma: no cover - another user's
+                continue
+        shutil.rmtree(os.path.join(directory, entry), ignore_errors=True)
+
+
+def save_checkpoint(directory, name, state, curve, config):
+    """Saves the state and the records of ``name`` as one unit (see above)."""
+    step = int(state.step)
+    _remove_temporaries(directory, name)
+    tmp = os.path.join(directory, f".tmp-{name}.{os.getpid()}")
+    os.makedirs(tmp)
+    gh.save_state(os.path.join(tmp, STATE_FILE), state)
+    _write_records(os.path.join(tmp, RUN_FILE), {
+        "format": CHECKPOINT_FORMAT, "method": name, "step": step,
+        "config": config, "curve": curve})
+    _fsync(tmp)
+    final = os.path.join(directory, f"{name}.step-{step:08d}")
+    if os.path.exists(final):     # the same step saved by an earlier run
+        old = os.path.join(directory, f".tmp-{name}.{os.getpid()}.old")
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync(directory)
+    for _, path in _checkpoint_folders(directory, name):
+        if path != final:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def find_checkpoint(directory, name):
+    """The newest complete checkpoint of ``name`` in ``directory``:
+    ``{"path", "step", "config", "curve"}``, or None (after printing a
+    note for what is skipped: unreadable checkpoints, and the files of the
+    older layout, ``NAME.npz`` / ``NAME.json``, which are not resumed)."""
+    found = None
+    for step, path in _checkpoint_folders(directory, name):
+        try:
+            with open(os.path.join(path, RUN_FILE)) as f:
+                run = json.load(f)
+            ok = (isinstance(run, dict)
+                  and run.get("format") == CHECKPOINT_FORMAT
+                  and run.get("step") == step
+                  and isinstance(run.get("config"), dict)
+                  and isinstance(run.get("curve"), list)
+                  and os.path.isfile(os.path.join(path, STATE_FILE)))
+        except (OSError, ValueError):
+            ok = False
+        if ok:
+            found = {"path": path, "step": step, "config": run["config"],
+                     "curve": run["curve"]}
+            break
+        print(f"note: skipping the incomplete or unreadable checkpoint "
+              f"{path}")
+    legacy = [os.path.join(directory, name + ext)
+              for ext in (".npz", ".json")]
+    legacy = [f for f in legacy if os.path.exists(f)]
+    if legacy and found is None:
+        print(f"note: not resuming from {' and '.join(legacy)}: checkpoints "
+              "of an older version of this example, which do not record "
+              f"the run's settings; {name} starts over")
+    return found
+
+
+def check_resume(found, args, name):
+    """Refuses (exit status 2) a checkpoint written with other settings,
+    naming every flag that differs."""
+    expected = run_config(args, name)
+    saved = found["config"]
+    missing = object()
+
+    def show(value):
+        return "not set" if value in (None, missing) else repr(value)
+    diffs = [f"--{key.replace('_', '-')} {show(saved.get(key, missing))} "
+             f"in the checkpoint, {show(expected.get(key, missing))} now"
+             for key in dict.fromkeys([*expected, *saved])
+             if saved.get(key, missing) != expected.get(key, missing)]
+    if diffs:
+        print(f"mnist.py: error: --resume: the checkpoint {found['path']} "
+              f"was saved by a run with other settings: {'; '.join(diffs)}."
+              " Resume with that run's settings, or start over with "
+              "another --checkpoint-dir (or without --resume).",
+              file=sys.stderr)
+        raise SystemExit(2)
+
+
+def load_checkpoint(found, like):
+    """The state and the curve of a checkpoint from :func:`find_checkpoint`."""
+    state = gh.load_state(os.path.join(found["path"], STATE_FILE), like=like)
+    if int(state.step) != found["step"]:
+        raise ValueError(f"{found['path']}: the state is at step "
+                         f"{int(state.step)}, its records at step "
+                         f"{found['step']}")
+    return state, list(found["curve"])
 
 
 def _record(state, val, grad_evals):
@@ -187,33 +379,37 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", help="directory with MNIST IDX files")
-    p.add_argument("--steps", type=int, default=1200,
+    p.add_argument("--steps", type=positive_int, default=1200,
                    help="inner steps per gradient-based method")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--hidden", type=positive_int, default=128)
     p.add_argument("--per-weight", action="store_true",
                    help="one L2 hyperparameter per weight")
-    p.add_argument("--horizon", type=int, default=4, help="Greedy horizon")
-    p.add_argument("--gamma", type=float, default=0.9,
-                   help="Greedy / HyperDistill discount")
-    p.add_argument("--outer-lr", type=float, default=0.03)
-    p.add_argument("--init-log-l2", type=float, default=-2.0)
-    p.add_argument("--init-log-lr", type=float, default=float(np.log(0.02)))
-    p.add_argument("--random-trials", type=int, default=6)
-    p.add_argument("--max-train", type=int, default=0,
+    p.add_argument("--horizon", type=positive_int, default=4,
+                   help="Greedy horizon")
+    p.add_argument("--gamma", type=fraction, default=0.9,
+                   help="Greedy / HyperDistill discount, in [0, 1]")
+    p.add_argument("--outer-lr", type=positive_float, default=0.03)
+    p.add_argument("--init-log-l2", type=finite_float, default=-2.0)
+    p.add_argument("--init-log-lr", type=finite_float,
+                   default=float(np.log(0.02)))
+    p.add_argument("--random-trials", type=positive_int, default=6)
+    p.add_argument("--max-train", type=nonnegative_int, default=0,
                    help="use at most this many training examples (0: all)")
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--methods",
+    p.add_argument("--eval-every", type=positive_int, default=50)
+    p.add_argument("--methods", type=name_list(METHODS),
                    default="T1-T2,Greedy,HyperDistill,untuned,random",
-                   help="comma-separated subset to run")
-    p.add_argument("--seed", type=int, default=0)
+                   help="comma-separated subset to run, from "
+                   f"{', '.join(METHODS)}")
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--out", default="runs/mnist",
                    help="directory for plots and results.json")
     p.add_argument("--checkpoint-dir",
                    help="save each method's state here while it runs")
-    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--checkpoint-every", type=positive_int, default=100)
     p.add_argument("--resume", action="store_true",
-                   help="continue from the states in --checkpoint-dir")
+                   help="continue from the states in --checkpoint-dir "
+                   "(refused if they were saved with other settings)")
     p.add_argument("--quick", action="store_true",
                    help="a few steps on a small subset (for tests)")
     args = p.parse_args(argv)
@@ -240,6 +436,15 @@ def build_optimizers(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    methods = args.methods.split(",")
+    resume = {}
+    if args.resume:   # before any work: refuse a mismatched checkpoint now
+        for name in COST_PER_STEP:
+            found = (find_checkpoint(args.checkpoint_dir, name)
+                     if name in methods else None)
+            if found is not None:
+                check_resume(found, args, name)
+                resume[name] = found
     os.makedirs(args.out, exist_ok=True)
     if args.checkpoint_dir:
         os.makedirs(args.checkpoint_dir, exist_ok=True)
@@ -248,7 +453,6 @@ def main(argv=None):
     sizes = (train[0].shape[1], args.hidden, args.hidden, 10)
     params = init_mlp(jax.random.PRNGKey(args.seed), sizes)
     hp = initial_hyperparams(params, args)
-    methods = args.methods.split(",")
     rows, curves = [], {}
     for name, (opt, per_call) in build_optimizers(args).items():
         if name not in methods:
@@ -264,7 +468,7 @@ def main(argv=None):
             init_state = (lambda o=opt: o.init(params, hp))
         start = time.perf_counter()
         state, curve = run_hpo(name, opt, init_state, train, val, args,
-                               calls, per_call)
+                               calls, per_call, resume.get(name))
         seconds = time.perf_counter() - start
         vloss, _ = evaluate(state.params, val)
         _, acc = evaluate(state.params, test)

@@ -173,6 +173,8 @@ sys.path.insert(0, HERE)
 import data_utils  # noqa: E402  (the examples' data loaders)
 import lm  # noqa: E402  (the sibling example: the transformer LM)
 import text_utils  # noqa: E402  (the examples' text corpora)
+from common import (float_in, name_list, nonnegative_int,  # noqa: E402
+                    positive_float, positive_int, seed_int)
 
 lm_defaults = lm.SMALL
 #: --task language: default target validation perplexity (byte level) of
@@ -267,6 +269,12 @@ def mlp_task(args):
 
     inner = inner_optimizer()
     per_epoch = len(ytr) // args.batch_size
+    if per_epoch < args.lookahead:
+        raise SystemExit(
+            f"ohgw.py: error: --batch-size {args.batch_size} makes "
+            f"{per_epoch} batches of the {len(ytr)} training examples; the "
+            f"warm start needs --lookahead ({args.lookahead}): lower "
+            "--batch-size (or raise --max-train)")
 
     @jax.jit
     def train_epoch(params, opt_state, hp, idx, x, y):
@@ -950,6 +958,10 @@ def plot(runs, args):
 
 # -- main ---------------------------------------------------------------------
 
+#: --label-noise / --token-noise: a share of the training data, [0, 1).
+noise_share = float_in(0.0, 1.0, high_open=True)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -963,24 +975,24 @@ def parse_args(argv=None):
     p.add_argument("--scheduler", choices=("asha", "pasha"),
                    help="default: asha (vision), pasha (language)")
     p.add_argument("--sampler", choices=("random", "tpe"), default="random")
-    p.add_argument("--trials", type=int,
+    p.add_argument("--trials", type=positive_int,
                    help="trials per study (one study per variant and seed; "
                    "default 64 vision, 12 language)")
-    p.add_argument("--max-reports", type=int,
+    p.add_argument("--max-reports", type=positive_int,
                    help="reports (epochs) of a trial that is never pruned "
                    "(default 27 vision, 9 language)")
-    p.add_argument("--target", type=float,
-                   help="target validation accuracy tau (default: 0.975 "
-                   "digits, 0.95 MNIST, 0.93 CIFAR-10)")
-    p.add_argument("--target-ppl", type=float,
+    p.add_argument("--target", type=float_in(0.0, 1.0, low_open=True),
+                   help="vision: target validation accuracy tau, in (0, 1] "
+                   "(default: 0.975 digits, 0.95 MNIST, 0.93 CIFAR-10)")
+    p.add_argument("--target-ppl", type=float_in(1.0),
                    help="language: target validation perplexity tau "
                    f"(default {DEFAULT_TARGET_PPL}; --full "
                    f"{FULL_TARGET_PPL})")
-    p.add_argument("--eta", type=float, default=1e-3,
+    p.add_argument("--eta", type=positive_float, default=1e-3,
                    help="hyper step size eta_h (paper: 1e-3)")
     p.add_argument("--eta-sweep", action="store_true",
                    help="add ohgw1 at eta_h in {1e-4, 3e-4, 1e-3, 3e-3}")
-    p.add_argument("--lookahead", type=int,
+    p.add_argument("--lookahead", type=positive_int,
                    help="inner steps K of the warm-start lookahead (default "
                    "2; 1 with --task language --quick)")
     p.add_argument("--variants",
@@ -993,50 +1005,51 @@ def parse_args(argv=None):
     p.add_argument("--full", action="store_true",
                    help="ResNet-20 on CIFAR-10, with augmentation magnitude "
                    "(language: the GPT-2-small-sized model)")
-    p.add_argument("--label-noise", type=float, default=0.0,
+    p.add_argument("--label-noise", type=noise_share, default=0.0,
                    help="vision: replace this share of training labels by "
-                   "a different random class (seeded by --seed)")
-    p.add_argument("--token-noise", type=float, default=0.0,
+                   "a different random class (seeded by --seed), in [0, 1)")
+    p.add_argument("--token-noise", type=noise_share, default=0.0,
                    help="language: replace this share of training tokens "
-                   "by a different random byte (seeded by --seed)")
-    p.add_argument("--batch-size", type=int,
+                   "by a different random byte (seeded by --seed), in "
+                   "[0, 1)")
+    p.add_argument("--batch-size", type=positive_int,
                    help="default 128 (vision), 32 windows (language)")
-    p.add_argument("--layers", type=int, default=lm_defaults.depth,
+    p.add_argument("--layers", type=positive_int, default=lm_defaults.depth,
                    help="language: transformer blocks")
-    p.add_argument("--d-model", type=int, default=lm_defaults.width,
+    p.add_argument("--d-model", type=positive_int, default=lm_defaults.width,
                    help="language: model width")
-    p.add_argument("--heads", type=int, default=lm_defaults.heads,
+    p.add_argument("--heads", type=positive_int, default=lm_defaults.heads,
                    help="language: attention heads")
-    p.add_argument("--context", type=int, default=lm_defaults.context,
+    p.add_argument("--context", type=positive_int, default=lm_defaults.context,
                    help="language: tokens per window")
-    p.add_argument("--eval-tokens", type=int, default=16384,
+    p.add_argument("--eval-tokens", type=nonnegative_int, default=16384,
                    help="language: validation tokens per report (0: all)")
-    p.add_argument("--ood-tokens", type=int, default=65536,
+    p.add_argument("--ood-tokens", type=nonnegative_int, default=65536,
                    help="language: out-of-domain tokens (0: all)")
-    p.add_argument("--hidden", type=int, default=64,
+    p.add_argument("--hidden", type=positive_int, default=64,
                    help="MLP hidden width")
-    p.add_argument("--max-train", type=int, default=0,
+    p.add_argument("--max-train", type=nonnegative_int, default=0,
                    help="at most this many training examples (0: all)")
-    p.add_argument("--width", type=int, default=16,
+    p.add_argument("--width", type=positive_int, default=16,
                    help="--full: ResNet channels of stage 1 (16)")
-    p.add_argument("--blocks", type=int, default=3,
+    p.add_argument("--blocks", type=positive_int, default=3,
                    help="--full: blocks per stage (ResNet-20: 3)")
-    p.add_argument("--steps-per-report", type=int,
+    p.add_argument("--steps-per-report", type=positive_int,
                    help="--full: SGD steps between reports (default 352, "
                    "~1 epoch); language: AdamW steps (default 25)")
-    p.add_argument("--eval-size", type=int, default=0,
+    p.add_argument("--eval-size", type=nonnegative_int, default=0,
                    help="--full: validation images per report (0: all)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=seed_int, default=0,
                    help="first seed (also the data split)")
-    p.add_argument("--seeds", type=int,
+    p.add_argument("--seeds", type=positive_int,
                    help="paired seeds: seed, seed+1, ... (default 8 vision, "
                    "6 language)")
     p.add_argument("--storage",
                    help="Optuna journal file path or database URL")
     p.add_argument("--study-name", default="ohgw")
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--workers", type=positive_int, default=1,
                    help="processes sharing each study (needs --storage)")
-    p.add_argument("--worker-index", type=int, default=0,
+    p.add_argument("--worker-index", type=nonnegative_int, default=0,
                    help=argparse.SUPPRESS)
     p.add_argument("--analyse-only", action="store_true",
                    help="only read the studies in --storage and report")
@@ -1085,6 +1098,19 @@ def parse_args(argv=None):
         p.error("--workers > 1 needs --storage (a journal file or a URL)")
     if not 0 <= args.worker_index < args.workers:
         p.error("--worker-index must be in [0, --workers)")
+    if args.seed + args.seeds - 1 > 2 ** 32 - 1:
+        p.error(f"--seed {args.seed} with --seeds {args.seeds} goes past "
+                "the largest seed, 2**32 - 1")
+    if language and not args.full and args.d_model % args.heads:
+        p.error(f"--d-model ({args.d_model}) must be divisible by --heads "
+                f"({args.heads})")
+    if args.variants is not None:
+        known = variants(argparse.Namespace(**{**vars(args),
+                                               "variants": None}))
+        try:
+            args.variants = name_list(known, "variant")(args.variants)
+        except argparse.ArgumentTypeError as e:
+            p.error(f"argument --variants: {e}")
     args.seed_list = list(range(args.seed, args.seed + args.seeds))
     return args
 
@@ -1101,10 +1127,9 @@ def check_task_options(p, args):
         p.error("give --text or --data-dir (WikiText-103), not both")
     if args.target_ppl is not None and not language:
         p.error("--target-ppl is for --task language; use --target")
-    for name in ("label_noise", "token_noise"):
-        if not 0.0 <= getattr(args, name) < 1.0:
-            p.error(f"--{name.replace('_', '-')} must be in [0, 1), got "
-                    f"{getattr(args, name)}")
+    if args.target is not None and language:
+        p.error("--target (an accuracy) is for --task vision; use "
+                "--target-ppl")
 
 
 def spawn_workers(argv, args):

@@ -22,8 +22,12 @@ from tqdm import tqdm
 
 import gradhpo as gh
 
+from common import finite_float, int_in, positive_int, seed_int
 
-def load_data(seed, n_train=400, n_val=400):
+N_TRAIN = N_VAL = 400
+
+
+def load_data(seed, n_train=N_TRAIN, n_val=N_VAL):
     """Digits split into standardised train / validation / test arrays."""
     x, y = load_digits(return_X_y=True)
     order = np.random.default_rng(seed).permutation(len(x))
@@ -81,15 +85,20 @@ def run(opt, params, hyperparams, train, val, steps, batch_size, seed, desc):
     return state
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--init-log-l2", type=float, default=-2.0,
+    parser.add_argument("--steps", type=positive_int, default=1500)
+    # batches are drawn without replacement from 400 examples
+    parser.add_argument("--batch-size", default=64,
+                        type=int_in(1, min(N_TRAIN, N_VAL)))
+    parser.add_argument("--init-log-l2", type=finite_float, default=-2.0,
                         help="initial log penalty of every layer")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    parser.add_argument("--seed", type=seed_int, default=0)
+    return parser.parse_args(argv)
 
+
+def main(argv=None):
+    args = parse_args(argv)
     train, val, test = load_data(args.seed)
     params = init_mlp(jax.random.PRNGKey(args.seed))
     hyperparams = {"log_l2": [jnp.array(args.init_log_l2)] * 2}

@@ -68,28 +68,34 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, method):
                          "--out", str(tmp_path / "o1")])
     victim = _run(common + ["--checkpoint-dir", str(dir_),
                             "--out", str(tmp_path / "o2")])
-    ckpt = dir_ / f"{method}.npz"
+    # a checkpoint is a folder METHOD.step-N with state.npz and run.json
     deadline = time.time() + 240
-    while not ckpt.exists() and time.time() < deadline:
+    while not list(dir_.glob(f"{method}.step-*")) and time.time() < deadline:
         time.sleep(0.01)
-    assert ckpt.exists(), victim.communicate()[0]
-    time.sleep(0.3)                      # a few more steps, mid-run
+    assert list(dir_.glob(f"{method}.step-*")), victim.communicate()[0]
+    time.sleep(0.03)   # a few more steps, mid-run (--quick: 48 in ~0.3 s)
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
     assert victim.returncode == -signal.SIGKILL
     import gradhpo as gh  # noqa: F401  (checkpoint readable on its own)
-    with np.load(ckpt) as f:
-        assert f.files                    # not torn by the kill
+    for folder in dir_.glob(f"{method}.step-*"):
+        with np.load(folder / "state.npz") as f:
+            assert f.files                # not torn by the kill
+        run = json.loads((folder / "run.json").read_text())
+        assert run["step"] == int(folder.name.split("-")[-1])
     resumed = _run(common + ["--checkpoint-dir", str(dir_), "--resume",
                              "--out", str(tmp_path / "o2")])
     out = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, out
     assert f"resuming {method}" in out
     step = int(out.split("at step ")[1].split()[0])
-    assert 0 < step < 300, "the kill must land mid-run"
+    assert 0 < step < 48, "the kill must land mid-run (--quick: 48 steps)"
     assert ref.communicate(timeout=300)[0] and ref.returncode == 0
-    name = f"{method}.npz"
-    assert _arrays(dir_ / name) == _arrays(ref_dir / name)
-    # the curve sidecar resumed too: one record per 50 steps
-    curve = json.loads((dir_ / f"{method}.json").read_text())
-    assert len(curve) == 6
+    name = f"{method}.step-00000048"
+    assert [p.name for p in dir_.iterdir()] == [name]
+    assert _arrays(dir_ / name / "state.npz") == \
+        _arrays(ref_dir / name / "state.npz")
+    # the curve resumed too: one record per 8 steps (--quick)
+    run = json.loads((dir_ / name / "run.json").read_text())
+    assert len(run["curve"]) == 6
+    assert run == json.loads((ref_dir / name / "run.json").read_text())

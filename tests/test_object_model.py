@@ -405,3 +405,67 @@ def test_no_import_cycles_and_no_private_imports():
         visit(node, [])
     assert "core" not in edges.get("utils", set())
     del seen
+
+
+# -- cost accounting ----------------------------------------------------------
+
+def _evals(opt, train, val, init_kwargs=None, calls=3):
+    state = opt.init(W0, LAM, **(init_kwargs or {}))
+    for _ in range(calls):
+        state = opt.step(state, train, val)
+    return float(state.metadata["grad_evals"])
+
+
+def test_grad_evals_are_counted_by_the_library():
+    """1 per training gradient, validation batches by size (here 2 of 3
+    examples), 2 per second-order product; every call counts, skipped or
+    not."""
+    train, val = pb.ridge_batches()          # 3 training, 2 validation
+    r = 2 / 3
+    cases = [
+        (gh.T1T2(TL, VL, optax.sgd(0.1), optax.sgd(0.1)), 3 + r),
+        (gh.T1T2(TL, VL, optax.sgd(0.1), optax.sgd(0.1),
+                 hypergradient="finite_difference"), 3 + r),
+        (gh.HyperDistill(TL, VL, optax.sgd(0.1), optax.sgd(0.1)), 4 + r),
+        (gh.ForwardMode(TL, VL, optax.sgd(0.1), optax.sgd(0.1)),
+         1 + 2 * 1 + r),
+        (gh.Implicit(TL, VL, optax.sgd(0.1), optax.sgd(0.1), solver="cg",
+                     terms=4), 1 + r + 2 * (4 + 1 + 1)),
+        (gh.Implicit(TL, VL, optax.sgd(0.1), optax.sgd(0.1),
+                     solver="neumann", neumann_scale=0.1, terms=4),
+         1 + r + 2 * (3 + 1)),
+    ]
+    for opt, per_call in cases:
+        kwargs = ({"batch": train} if isinstance(opt, gh.HyperDistill)
+                  else {})
+        np.testing.assert_allclose(_evals(opt, train, val, kwargs),
+                                   3 * per_call, rtol=1e-6,
+                                   err_msg=type(opt).__name__)
+    # several inner steps per call
+    greedy = gh.Greedy(TL, VL, optax.sgd(0.1), optax.sgd(0.1), horizon=4)
+    np.testing.assert_allclose(
+        _evals(greedy, stack(train, 4), stack(val, 4)), 3 * 4 * (3 + r),
+        rtol=1e-6)
+    warm = gh.OneShotWarmStart(TL, VL, optax.sgd(0.1), lookahead=2,
+                               num_steps=3)
+    np.testing.assert_allclose(_evals(warm, stack(train, 2), val),
+                               3 * 3 * (2 * 3 + r), rtol=1e-6)
+    # an update every 3rd call: the solve is charged on those calls only
+    sparse = gh.Implicit(TL, VL, optax.sgd(0.1), optax.sgd(0.1),
+                         solver="cg", terms=4, hyper_interval=3)
+    np.testing.assert_allclose(_evals(sparse, train, val, calls=6),
+                               6 * 1 + 2 * (r + 2 * 6), rtol=1e-6)
+    # skipped steps are still paid for
+    bad = (train[0].at[0, 0].set(jnp.nan), train[1])
+    t1t2 = gh.T1T2(TL, VL, optax.sgd(0.1), optax.sgd(0.1))
+    np.testing.assert_allclose(_evals(t1t2, bad, val), 3 * (3 + r),
+                               rtol=1e-6)
+
+
+def test_estimate_theta_is_counted():
+    train, val = pb.ridge_batches()
+    opt = gh.HyperDistill(TL, VL, optax.sgd(0.1), optax.sgd(0.1))
+    state = opt.init(W0, LAM, batch=train)
+    fitted = opt.estimate_theta(state, stack(train, 5), val)
+    np.testing.assert_allclose(float(fitted.metadata["grad_evals"]),
+                               5 * 7 + 2 / 3, rtol=1e-6)

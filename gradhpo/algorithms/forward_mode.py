@@ -37,6 +37,7 @@ import optax
 from gradhpo.core.base import BilevelOptimizer, compiled
 from gradhpo.core.state import BilevelState
 from gradhpo.utils.types import DataBatch, InnerOptimizer, LossFn, PyTree
+from gradhpo.utils import cost
 from gradhpo.utils import gradients as gr
 from gradhpo.utils import tree as tu
 from gradhpo.utils import validation as val
@@ -421,17 +422,22 @@ class ForwardMode(BilevelOptimizer):
     def step(self, state: BilevelState, train_batch: DataBatch,
              val_batch: DataBatch) -> BilevelState:
         inner, z_w, finite, own = self._advance(state, train_batch)
+        # the inner gradient and one JVP of the step per coordinate; the
+        # validation gradient on update calls only
+        d = num_coordinates(state.hyperparams)
+        tangents = 1 + d * cost.SECOND_ORDER
+        validation = cost.relative_size(val_batch, train_batch)
         if self.hyper_interval == 1:
             val_loss, h = self._hypergradient(state, inner, z_w, finite,
                                               val_batch)
             return self.finish_step(state, inner,
                                     _unflatten(h, state.hyperparams),
                                     val_loss, algorithm_state=own,
+                                    grad_evals=tangents + validation,
                                     inner_guarded=True)
 
         update = (state.step + 1) % self.hyper_interval == 0
         previous = state.metadata["val_loss"]
-        d = num_coordinates(state.hyperparams)
         h_dtype = jnp.result_type(*jax.tree.leaves(
             tu.partition_float(state.hyperparams)[0]))
 
@@ -466,6 +472,7 @@ class ForwardMode(BilevelOptimizer):
         checked_loss = jnp.where(update, val_loss, jnp.zeros_like(val_loss))
         return self.finish_step(
             state, inner, hypergradient, checked_loss, algorithm_state=own,
+            grad_evals=tangents + jnp.where(update, validation, 0.0),
             outer=outer, inner_skips=skips, inner_guarded=True,
             metadata={"val_loss": val_loss, "hypergradient_norm": jnp.where(
                 update, norm, state.metadata["hypergradient_norm"])})

@@ -42,6 +42,7 @@ from jax.flatten_util import ravel_pytree
 from gradhpo.core.base import BilevelOptimizer, compiled
 from gradhpo.core.state import BilevelState, float_dtype
 from gradhpo.utils.types import DataBatch, InnerOptimizer, LossFn, PyTree
+from gradhpo.utils import cost
 from gradhpo.utils import gradients as gr
 from gradhpo.utils import tree as tu
 from gradhpo.utils import validation as val
@@ -347,9 +348,13 @@ class Greedy(BilevelOptimizer):
              val_batch: DataBatch) -> BilevelState:
         hypergradient, inner, val_loss, skipped = self._hypergradient(
             state, train_batch, val_batch)
+        # per inner step: its gradient, its VJP, one validation gradient
+        steps = 1 if self.horizon > 1 else 0
+        evals = self.horizon * (1 + cost.SECOND_ORDER + cost.relative_size(
+            val_batch, train_batch, steps))
         new = self.finish_step(state, inner, hypergradient, val_loss,
-                               outer=self._outer, inner_skips=skipped,
-                               inner_guarded=True)
+                               grad_evals=evals, outer=self._outer,
+                               inner_skips=skipped, inner_guarded=True)
         if self.top_k is None:
             return new
         # what actually moved (a skipped update or a coordinate held at a

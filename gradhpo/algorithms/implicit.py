@@ -41,6 +41,7 @@ from jax import lax
 from gradhpo.core.base import BilevelOptimizer, compiled
 from gradhpo.core.state import BilevelState, float_dtype
 from gradhpo.utils.types import DataBatch, InnerOptimizer, LossFn, PyTree
+from gradhpo.utils import cost
 from gradhpo.utils import gradients as gr
 from gradhpo.utils import tree as tu
 from gradhpo.utils import validation as val
@@ -380,6 +381,20 @@ class Implicit(BilevelOptimizer):
         return _Hyper(hypergradient, jnp.asarray(val_loss).astype(fdt),
                       residual.astype(fdt), x if self.warm_start else None)
 
+    def _solve_cost(self, train_batch: DataBatch, val_batch: DataBatch,
+                    warm: bool) -> float:
+        """A hyper-step beyond the inner gradient: the validation gradient,
+        the solve's Hessian-vector products (CG: ``terms`` iterations and
+        its initial residual; Neumann: ``terms - 1`` from zero, ``terms``
+        from a warm start) and one joint product for M^T x and the
+        residual."""
+        if self.solver == "cg":
+            products = self.terms + 1
+        else:
+            products = self.terms if warm else self.terms - 1
+        return (cost.relative_size(val_batch, train_batch)
+                + (products + 1) * cost.SECOND_ORDER)
+
     @compiled
     def compute_hypergradient(self, state: BilevelState,
                               train_batch: DataBatch,
@@ -429,6 +444,8 @@ class Implicit(BilevelOptimizer):
                         {})
         new = self.finish_step(
             state, inner, out.hypergradient, out.val_loss,
+            grad_evals=1 + jnp.where(is_update, self._solve_cost(
+                train_batch, val_batch, own.solution is not None), 0.0),
             metadata={"solve_residual": out.residual}, outer=outer,
             inner_guarded=True)
         new_meta = dict(new.metadata)

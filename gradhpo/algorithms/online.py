@@ -36,6 +36,7 @@ import optax
 from gradhpo.core.base import BilevelOptimizer, compiled
 from gradhpo.core.state import BilevelState, float_dtype
 from gradhpo.utils.types import DataBatch, InnerOptimizer, LossFn, PyTree
+from gradhpo.utils import cost
 from gradhpo.utils import gradients as gr
 from gradhpo.utils import tree as tu
 from gradhpo.utils import validation as val
@@ -370,8 +371,13 @@ class HyperDistill(BilevelOptimizer):
              val_batch: DataBatch) -> BilevelState:
         hypergradient, inner, val_loss, own = self._online(
             state, train_batch, val_batch)
+        # the inner gradient, the validation gradient, and a VJP through a
+        # separate step at the distilled point (its gradient and the VJP)
+        evals = (2 + cost.SECOND_ORDER
+                 + cost.relative_size(val_batch, train_batch))
         return self.finish_step(state, inner, hypergradient, val_loss,
-                                algorithm_state=own, inner_guarded=True)
+                                grad_evals=evals, algorithm_state=own,
+                                inner_guarded=True)
 
     # not (state, train_batch, val_batch): no batch checks
     @compiled(check_batches=False)
@@ -512,6 +518,12 @@ class HyperDistill(BilevelOptimizer):
         meta = dict(state.metadata)
         meta["nonfinite_count"] = (state.metadata["nonfinite_count"]
                                    + jnp.logical_not(ok).astype(jnp.int32))
+        # T forward gradients, the validation gradient, and per backward
+        # step two VJPs through a step (each a gradient and the VJP)
+        one = jax.tree.map(lambda x: x[0], train_batches)
+        meta["grad_evals"] = meta["grad_evals"] + (
+            horizon * (1 + 2 * (1 + cost.SECOND_ORDER))
+            + cost.relative_size(val_batch, one))
         return state.replace(metadata=meta,
                              algorithm_state=state.algorithm_state._replace(
                                  theta=jnp.where(ok, fit, old).astype(

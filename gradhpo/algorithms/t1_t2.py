@@ -29,6 +29,7 @@ import optax
 from gradhpo.core.base import BilevelOptimizer, compiled
 from gradhpo.core.state import BilevelState
 from gradhpo.utils.types import DataBatch, InnerOptimizer, LossFn, PyTree
+from gradhpo.utils import cost
 from gradhpo.utils import gradients as gr
 from gradhpo.utils import validation as val
 
@@ -173,5 +174,9 @@ class T1T2(BilevelOptimizer):
              val_batch: DataBatch) -> BilevelState:
         hypergradient, inner, val_loss = self._hypergradient(
             state, train_batch, val_batch)
+        # the inner gradient, the validation gradient, and the VJP through
+        # the step (or the two gradients of the finite difference)
+        evals = (1 + cost.SECOND_ORDER
+                 + cost.relative_size(val_batch, train_batch))
         return self.finish_step(state, inner, hypergradient, val_loss,
-                                inner_guarded=True)
+                                grad_evals=evals, inner_guarded=True)

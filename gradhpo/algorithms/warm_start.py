@@ -33,6 +33,7 @@ from jax.flatten_util import ravel_pytree
 from gradhpo.core.base import BilevelOptimizer, compiled
 from gradhpo.core.state import BilevelState, float_dtype
 from gradhpo.utils.types import DataBatch, InnerOptimizer, LossFn, PyTree
+from gradhpo.utils import cost
 from gradhpo.utils import gradients as gr
 from gradhpo.utils import tree as tu
 from gradhpo.utils import validation as val
@@ -320,6 +321,16 @@ class OneShotWarmStart(BilevelOptimizer):
         new_f = tu.partition_float(new_lam)[0]
         return jax.tree.map(jnp.subtract, new_f, lam_f), new_outer
 
+    def _cost(self, train_batch: DataBatch, val_batch: DataBatch) -> float:
+        """Per hyper-step: K inner gradients, the validation gradient, and
+        reverse mode back through the K steps (a second-order product
+        each)."""
+        steps = 1 if self.lookahead > 1 else 0
+        k = self.lookahead
+        return self.num_steps * (k * (1 + cost.SECOND_ORDER)
+                                 + cost.relative_size(
+                                     val_batch, train_batch, 0, steps))
+
     def _random_like(self, key: jax.Array, delta: PyTree) -> PyTree:
         """A direction of the length of ``delta``, uniformly random: one
         standard normal vector over all floating entries (ravel order)."""
@@ -380,7 +391,9 @@ class OneShotWarmStart(BilevelOptimizer):
             hypergradient_norm=jnp.sqrt(g0_sq),
             delta_norm=jnp.sqrt(tu.sum_squares(delta)),
             clipped=clipped,
-            nonfinite_count=state.metadata["nonfinite_count"] + bad)
+            nonfinite_count=state.metadata["nonfinite_count"] + bad,
+            grad_evals=state.metadata["grad_evals"] + self._cost(
+                train_batch, val_batch))
         # dtypes fixed at init, so a jitted step never retraces
         meta = {k: jnp.asarray(v).astype(jnp.result_type(state.metadata[k]))
                 for k, v in meta.items()}

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradhpo.core.state import BilevelState, initial_metadata, float_dtype
+from gradhpo.core.state import (BASE_METADATA_KEYS, BilevelState,
+                                float_dtype, initial_metadata)
 from gradhpo.utils import gradients as gr
 from gradhpo.utils import tree as tu
 from gradhpo.utils import validation as val
@@ -465,9 +466,7 @@ class BilevelOptimizer(abc.ABC, metaclass=_OptimizerMeta):
                 f"{type(self).__name__}.init), got "
                 f"{type(state.algorithm_state).__name__}; build the state "
                 f"with {type(self).__name__}.init.")
-        missing = [n for n in ("train_loss", "val_loss",
-                               "hypergradient_norm", "nonfinite_count")
-                   if n not in state.metadata]
+        missing = [n for n in BASE_METADATA_KEYS if n not in state.metadata]
         if missing:
             raise ValueError(
                 f"state.metadata lacks {missing}: build the state with "
@@ -520,6 +519,7 @@ class BilevelOptimizer(abc.ABC, metaclass=_OptimizerMeta):
 
     def finish_step(self, state: BilevelState, inner: gr.InnerStep,
                     hypergradient: PyTree, val_loss: jax.Array, *,
+                    grad_evals: Any,
                     metadata: Optional[Dict[str, Any]] = None,
                     algorithm_state: Any = None,
                     outer: Optional[Callable] = None,
@@ -540,6 +540,10 @@ class BilevelOptimizer(abc.ABC, metaclass=_OptimizerMeta):
             ``inner.finite``.
           hypergradient: shaped like ``state.hyperparams``.
           val_loss: recorded as ``metadata["val_loss"]``.
+          grad_evals: what this step cost, in gradient evaluations as
+            :mod:`gradhpo.utils.cost` counts them (a Python number fixed at
+            trace time, or a scalar array when it depends on the step);
+            added to ``metadata["grad_evals"]``, skipped steps included.
           metadata: algorithm-specific scalar entries to record (cast to
             the dtypes they had at ``init``).
           algorithm_state: the new ``state.algorithm_state`` (default:
@@ -586,7 +590,8 @@ class BilevelOptimizer(abc.ABC, metaclass=_OptimizerMeta):
             train_loss=inner.loss.astype(fdt),
             val_loss=jnp.asarray(val_loss).astype(fdt),
             hypergradient_norm=jnp.sqrt(sq).astype(fdt),
-            nonfinite_count=state.metadata["nonfinite_count"] + bad)
+            nonfinite_count=state.metadata["nonfinite_count"] + bad,
+            grad_evals=state.metadata["grad_evals"] + grad_evals)
         meta.update({k: jnp.where(outer_ok, v, jnp.zeros_like(v))
                      for k, v in outer_meta.items()})
         meta.update(metadata or {})

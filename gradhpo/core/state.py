@@ -10,7 +10,8 @@ from gradhpo.utils.types import PyTree
 
 #: Metadata keys every algorithm maintains.
 BASE_METADATA_KEYS = (
-    "train_loss", "val_loss", "hypergradient_norm", "nonfinite_count")
+    "train_loss", "val_loss", "hypergradient_norm", "nonfinite_count",
+    "grad_evals")
 
 
 @jax.tree_util.register_dataclass
@@ -35,9 +36,12 @@ class BilevelState:
       step: number of completed steps :math:`t`, an ``int32`` scalar array
         (never a Python ``int``, which would recompile every step).
       metadata: diagnostics, a dict of scalar arrays with at least
-        ``train_loss``, ``val_loss``, ``hypergradient_norm`` and
-        ``nonfinite_count``; some algorithms add scalar entries of their own
-        (Greedy's ``selected``, the warm start's ``delta_norm``).
+        ``train_loss``, ``val_loss``, ``hypergradient_norm``,
+        ``nonfinite_count`` and ``grad_evals`` (the compute spent since
+        ``init``, in gradient evaluations on one training batch, counted as
+        :mod:`gradhpo.utils.cost` documents); some algorithms add scalar
+        entries of their own (Greedy's ``selected``, the warm start's
+        ``delta_norm``).
       algorithm_state: the algorithm's own carried arrays, one typed record
         per algorithm (a :class:`~typing.NamedTuple`, as optax has one state
         type per transformation): :class:`~gradhpo.T1T2State`,
@@ -99,7 +103,8 @@ def initial_metadata(**more: jax.Array) -> Dict[str, jax.Array]:
 
     Returns:
       A dict with ``train_loss``, ``val_loss``, ``hypergradient_norm`` (NaN
-      until the first step) and ``nonfinite_count`` (0), plus ``more``.
+      until the first step), ``nonfinite_count`` (0) and ``grad_evals``
+      (0.0), plus ``more``.
     """
     nan = jnp.full((), jnp.nan, dtype=float_dtype())
     meta = {
@@ -107,6 +112,7 @@ def initial_metadata(**more: jax.Array) -> Dict[str, jax.Array]:
         "val_loss": nan,
         "hypergradient_norm": nan,
         "nonfinite_count": jnp.zeros((), jnp.int32),
+        "grad_evals": jnp.zeros((), float_dtype()),
     }
     meta.update(more)
     return meta

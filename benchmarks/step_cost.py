@@ -30,6 +30,22 @@ Measures, side by side in one run, on the same model and batch:
   - ``hand_warm_start`` / ``warm_start``: ``OneShotWarmStart(lookahead=1)``,
     the whole warm start (``value_and_grad`` of the lookahead objective and
     one step :math:`\rho \leftarrow \rho - 10^{-3} g`).
+  - ``hand_forward_mode`` / ``forward_mode``: one ``ForwardMode`` step
+    (RTHO, ``hyper_interval=1``, ``decay=1``) on the *small-d* variant of
+    the problem (below), :math:`d` columns of tangents of the weights and
+    the momentum trace advanced by one :func:`jax.vmap` of a
+    :func:`jax.jvp` of the real inner step, the hypergradient
+    :math:`\nabla_\lambda L_{val} + Z^{w\top} \nabla_w L_{val}` and Adam;
+    ``plain_small_d`` is the plain step of that variant (no goal, for
+    reference);
+  - ``hand_implicit`` / ``implicit``: one ``Implicit(solver="cg",
+    terms=10)`` hyper-step (the inner step, the validation gradient at
+    :math:`w_{t+1}`, :func:`jax.scipy.sparse.linalg.cg` on
+    :math:`H + \delta I`, one joint forward-over-reverse product for
+    :math:`M^\top x` and the solve residual, Adam), and
+    ``hand_implicit_neumann`` / ``implicit_neumann`` the same with a
+    10-term Neumann series: both rows of a pair make the same number of
+    Hessian-vector products (see :func:`build_hand_implicit`).
 
 Before timing, every hand-written row is checked against its library row
 (``--check``, on by default): from the same state, the hypergradient each
@@ -52,6 +68,14 @@ penalised): about 670k hyperparameters for the MLP 784-512-512-10. The
 inner optimizer is SGD with heavy-ball momentum (``--momentum``, 0.9 by
 default), the outer optimizer Adam on :math:`\rho`.
 
+ForwardMode refuses that many hyperparameters (it carries one tangent copy
+of the weights per coordinate), so its rows use a *small-d* variant with
+the same model and batches: one log-L2 coefficient per weight matrix, the
+log learning rate and the momentum of the inner SGD (through a callable
+inner optimizer, so the tangents of the momentum trace matter), i.e.
+:math:`d = L + 2` hyperparameters for :math:`L` weight matrices (5 for the
+MLP and the CNN).
+
 Timing: every case is compiled and warmed up first; then for ``--rounds``
 rounds each case is timed once (``calls`` consecutive calls, each fed the
 previous output state) in an order rotated every round; the reported ratio
@@ -68,12 +92,14 @@ Example:
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
 import time
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -96,6 +122,7 @@ GOAL_FD_VS_PLAIN = 3.0
 GOAL_GREEDY_VS_PLAIN = 3.2        # per inner step
 GOAL_HYPERDISTILL_VS_PLAIN = 3.2
 GOAL_WARM_START_VS_PLAIN = 4.0    # the whole warm start
+GOAL_FORWARD_MODE_PER_COLUMN = 1.3  # forward_mode <= 1.3 (1 + d) x plain
 GOAL_VS_HAND = 1.1
 
 # Configuration of the optional rows (library and hand-written alike).
@@ -103,6 +130,8 @@ GAMMA = 0.9            # Greedy and HyperDistill discount
 THETA = 1.0            # HyperDistill size coefficient
 SEED = 0               # HyperDistill subsampling key
 WARM_STEP_SIZE = 1e-3  # OneShotWarmStart hyper step size
+IMPLICIT_TERMS = 10    # Implicit: CG iterations / Neumann terms
+IMPLICIT_DAMPING = 0.0  # Implicit: delta of (H + delta I)
 
 
 # --------------------------------------------------------------------------
@@ -234,6 +263,46 @@ def make_problem(model: str, *, hidden: Sequence[int], channels: Sequence[int],
     return Problem(model, params, rho, train_batch, val_batch, train_loss,
                    val_loss, inner, outer, inner_lr, momentum, fd_radius,
                    config)
+
+
+def small_d_problem(pb: Problem) -> Problem:
+    r"""The few-hyperparameter variant of ``pb`` (ForwardMode's rows).
+
+    Same model, weights and batches;
+    :math:`\lambda = (\rho_1..\rho_L, \log\eta, \mu)`, a dict with
+    ``log_l2`` (one log-L2 coefficient per weight matrix), ``log_lr`` and
+    ``momentum``; :math:`L_{tr} = \mathrm{CE} + \tfrac12 \sum_l
+    e^{\rho_l} \lVert W_l \rVert^2` and the inner optimizer is the callable
+    ``hp -> optax.sgd(exp(hp["log_lr"]), momentum=hp["momentum"])``
+    (``pb.inner`` at the initial values). ``inner`` is that callable.
+    """
+    n = len(pb.params)
+    hp = {"log_l2": jnp.full((n,), np.log(pb.config["l2_init"]),
+                             jnp.float32),
+          "log_lr": jnp.asarray(np.log(pb.inner_lr), jnp.float32),
+          "momentum": jnp.asarray(pb.momentum, jnp.float32)}
+
+    def train_loss(w, hp, data):
+        # pb.val_loss is the cross-entropy alone
+        return pb.val_loss(w, hp, data) + 0.5 * sum(
+            jnp.exp(hp["log_l2"][i]) * jnp.sum(p["w"] ** 2)
+            for i, p in enumerate(w))
+
+    def inner(hp):
+        return optax.sgd(jnp.exp(hp["log_lr"]), momentum=hp["momentum"])
+
+    return dataclasses.replace(pb, hyperparams=hp, train_loss=train_loss,
+                               inner=inner)
+
+
+def small_d(n_weights: int) -> int:
+    """The number of hyperparameters of :func:`small_d_problem`."""
+    return n_weights + 2
+
+
+def forward_mode_goal(d: int) -> float:
+    """The issue's goal for one ForwardMode step: 1.3 (1 + d) plain steps."""
+    return round(GOAL_FORWARD_MODE_PER_COLUMN * (1 + d), 6)
 
 
 # --------------------------------------------------------------------------
@@ -487,6 +556,152 @@ def build_hand_warm_start(lookahead: int, step_size: float):
     return build
 
 
+def build_plain_small_d(pb: Problem):
+    """A plain jitted step of :func:`small_d_problem` at fixed
+    hyperparameters (its optimizer built from them, as ForwardMode does)."""
+    sp = small_d_problem(pb)
+
+    @jax.jit
+    def step(carry, hp, data):
+        w, s = carry
+        g = jax.grad(sp.train_loss)(w, hp, data)
+        updates, s = sp.inner(hp).update(g, s, w)
+        return optax.apply_updates(w, updates), s
+    return step, (sp.params, sp.inner(sp.hyperparams).init(sp.params)), (
+        sp.hyperparams, sp.train_batch)
+
+
+def build_hand_forward_mode(pb: Problem):
+    r"""One RTHO forward-mode step on :func:`small_d_problem`, hand-written.
+
+    The hyperparameters raveled into :math:`\lambda \in \mathbb{R}^d`
+    (:func:`jax.flatten_util.ravel_pytree`); the inner step
+    :math:`\Phi(w, s, \lambda)` (gradient, then ``optax.sgd`` built from
+    :math:`\lambda`) and its tangents :math:`Z_{t+1} = A_t Z_t + B_t` of
+    the weights *and* the momentum trace by one ``jax.vmap`` over the
+    :math:`d` columns of a ``jax.jvp`` with tangent :math:`(Z^w_j, Z^s_j,
+    e_j)` (primal computed once: ``out_axes=None``); :math:`h =
+    \nabla_\lambda L_{val}(w_{t+1}) + Z^{w\top}_{t+1} \nabla_w
+    L_{val}(w_{t+1})`; Adam on :math:`\lambda`. Carry ``(w, s, hp,
+    adam, Z^w, Z^s)``.
+    """
+    sp = small_d_problem(pb)
+    lam0, unravel = jax.flatten_util.ravel_pytree(sp.hyperparams)
+    d = int(lam0.size)
+    basis = jnp.eye(d, dtype=lam0.dtype)
+
+    def hypergradient(carry, data, val_data):
+        w, s, hp, _, z_w, z_s = carry
+        lam, _ = jax.flatten_util.ravel_pytree(hp)
+
+        def phi(w_, s_, lam_):
+            hp_ = unravel(lam_)
+            g = jax.grad(sp.train_loss)(w_, hp_, data)
+            updates, s1 = sp.inner(hp_).update(g, s_, w_)
+            return optax.apply_updates(w_, updates), s1
+
+        def column(zw_j, zs_j, e_j):
+            return jax.jvp(phi, (w, s, lam), (zw_j, zs_j, e_j))
+
+        (w1, s1), (z_w1, z_s1) = jax.vmap(column, out_axes=(None, 0))(
+            z_w, z_s, basis)
+        v, direct = jax.grad(sp.val_loss, argnums=(0, 1))(w1, hp, val_data)
+        h = jax.flatten_util.ravel_pytree(direct)[0] + sum(
+            jnp.tensordot(z, g, axes=g.ndim)
+            for z, g in zip(jax.tree.leaves(z_w1), jax.tree.leaves(v)))
+        return unravel(h), (w1, s1, z_w1, z_s1)
+
+    @jax.jit
+    def step(carry, data, val_data):
+        hp, r = carry[2], carry[3]
+        h, (w1, s1, z_w1, z_s1) = hypergradient(carry, data, val_data)
+        updates, r1 = sp.outer.update(h, r, hp)
+        return w1, s1, optax.apply_updates(hp, updates), r1, z_w1, z_s1
+
+    s0 = sp.inner(sp.hyperparams).init(sp.params)
+    zeros = functools.partial(jax.tree.map,
+                              lambda x: jnp.zeros((d,) + x.shape, x.dtype))
+    carry = (sp.params, s0, sp.hyperparams, sp.outer.init(sp.hyperparams),
+             zeros(sp.params), zeros(s0))
+    return _with_hypergradient(step, hypergradient), carry, (
+        sp.train_batch, sp.val_batch)
+
+
+def _norm(tree):
+    return jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(tree)))
+
+
+def build_hand_implicit(solver: str, terms: int, damping: float):
+    r"""One implicit (IFT) hyper-step, hand-written, with the library's
+    number of Hessian-vector products.
+
+    The inner step :math:`w_{t+1}`; :math:`v = \nabla_w L_{val}(w_{t+1};
+    V)` (and the direct term); :math:`x \approx (H + \delta I)^{-1} v` with
+    :math:`H = \nabla^2_{ww} L_{tr}(w_{t+1}; D)` by forward-over-reverse
+    products: ``solver="cg"`` is :func:`jax.scipy.sparse.linalg.cg` with
+    ``maxiter=terms`` and no tolerance, which makes ``terms + 1`` products
+    (the initial residual :math:`v - A x_0` at :math:`x_0 = 0` is one);
+    ``solver="neumann"`` is Lorraine et al.'s Alg. 3, :math:`p \leftarrow
+    v`, ``terms - 1`` times :math:`v \leftarrow v - \alpha A v,\ p
+    \leftarrow p + v`, then :math:`x = \alpha p` (``terms - 1``
+    products), :math:`\alpha` the inner learning rate. Then one joint
+    forward-over-reverse product :math:`(Hx, M^\top x)` (a ``jax.jvp`` of
+    :math:`(\nabla_w L_{tr}, \nabla_\rho L_{tr})` along :math:`x`), the
+    hypergradient :math:`\nabla_\rho L_{val} - M^\top x`, the relative
+    residual :math:`\lVert (H + \delta I)x - v\rVert / \lVert v\rVert`
+    (carried, like the library's ``solve_residual``) and Adam. With
+    ``terms=10``: 12 products for CG, 10 for Neumann, as the library.
+    """
+    def build(pb: Problem):
+        alpha = pb.inner_lr
+
+        def hypergradient(carry, data, val_data):
+            w, s, rho = carry[:3]
+            g = jax.grad(pb.train_loss)(w, rho, data)
+            updates, s1 = pb.inner.update(g, s, w)
+            w1 = optax.apply_updates(w, updates)
+            v, direct = jax.grad(pb.val_loss, argnums=(0, 1))(
+                w1, rho, val_data)
+            grad_w = jax.grad(pb.train_loss)
+
+            def matvec(u):
+                hu = jax.jvp(lambda w_: grad_w(w_, rho, data), (w1,),
+                             (u,))[1]
+                return hu if damping == 0.0 else jax.tree.map(
+                    lambda a, b: a + damping * b, hu, u)
+
+            if solver == "cg":
+                x = jax.scipy.sparse.linalg.cg(
+                    matvec, v, tol=0.0, atol=0.0, maxiter=terms)[0]
+            else:
+                def body(_, c):
+                    cur, acc = c
+                    cur = jax.tree.map(lambda a, b: a - alpha * b, cur,
+                                       matvec(cur))
+                    return cur, jax.tree.map(jnp.add, acc, cur)
+                _, acc = jax.lax.fori_loop(0, terms - 1, body, (v, v))
+                x = jax.tree.map(lambda a: alpha * a, acc)
+            grads = jax.grad(pb.train_loss, argnums=(0, 1))
+            h_x, m_x = jax.jvp(lambda w_: grads(w_, rho, data), (w1,),
+                               (x,))[1]
+            r = jax.tree.map(lambda a, b, c: a + damping * b - c, h_x, x, v)
+            residual = _norm(r) / _norm(v)
+            h = jax.tree.map(jnp.subtract, direct, m_x)
+            return h, (w1, s1, residual)
+
+        @jax.jit
+        def step(carry, data, val_data):
+            rho, r = carry[2], carry[3]
+            h, (w1, s1, residual) = hypergradient(carry, data, val_data)
+            updates, r1 = pb.outer.update(h, r, rho)
+            return w1, s1, optax.apply_updates(rho, updates), r1, residual
+
+        carry = _hand_carry(pb) + (jnp.zeros((), jnp.float32),)
+        return _with_hypergradient(step, hypergradient), carry, (
+            pb.train_batch, pb.val_batch)
+    return build
+
+
 def _library_step(opt):
     """The library's own compiled step, called exactly as a user would."""
     def step(state, data, val_data):
@@ -550,10 +765,35 @@ def build_warm_start(lookahead: int, step_size: float):
     return build
 
 
+def build_forward_mode(hyper_interval: int = 1, decay: float = 1.0):
+    def build(pb: Problem):
+        from gradhpo.algorithms.forward_mode import ForwardMode
+        sp = small_d_problem(pb)
+        opt = ForwardMode(sp.train_loss, sp.val_loss, sp.inner, sp.outer,
+                          hyper_interval=hyper_interval, decay=decay)
+        state = opt.init(sp.params, sp.hyperparams)
+        return _library_step(opt), state, (sp.train_batch, sp.val_batch)
+    return build
+
+
+def build_implicit(solver: str, terms: int, damping: float):
+    def build(pb: Problem):
+        from gradhpo.algorithms.implicit import Implicit
+        opt = Implicit(pb.train_loss, pb.val_loss, pb.inner, pb.outer,
+                       hyper_interval=1, solver=solver, terms=terms,
+                       damping=damping,
+                       neumann_scale=(pb.inner_lr if solver == "neumann"
+                                      else None))
+        state = opt.init(pb.params, pb.hyperparams)
+        return _library_step(opt), state, (pb.train_batch, pb.val_batch)
+    return build
+
+
 def optional_modules() -> Dict[str, bool]:
     """Which optional algorithm modules import in this checkout."""
     found = {}
-    for mod in ("greedy", "online", "warm_start"):
+    for mod in ("greedy", "online", "warm_start", "forward_mode",
+                "implicit"):
         try:
             __import__(f"gradhpo.algorithms.{mod}")
             found[mod] = True
@@ -562,13 +802,14 @@ def optional_modules() -> Dict[str, bool]:
     return found
 
 
-def cases(horizon: int = 5, lookahead: int = 1,
-          model: str = "mlp") -> List[cm.Case]:
+def cases(horizon: int = 5, lookahead: int = 1, model: str = "mlp",
+          n_weights: int = 3) -> List[cm.Case]:
     """The registry of rows. Add a :class:`~_common.Case` to add a row.
 
     The goals relative to ``plain`` are stated for the MLP only; every
     library row has the goal <= 1.1x its hand-written counterpart on both
-    models.
+    models. ``n_weights`` (the model's weight matrices) sets the
+    ForwardMode problem's :math:`d` and so its goal.
     """
     def vs_plain(goal):
         return goal if model == "mlp" else None
@@ -638,8 +879,52 @@ def cases(horizon: int = 5, lookahead: int = 1,
                     goal_vs_reference=GOAL_VS_HAND,
                     description=f"OneShotWarmStart(lookahead={lookahead}), "
                     "total")]
+    if found["forward_mode"]:
+        d = small_d(n_weights)
+        rows += [
+            cm.Case("plain_small_d", build_plain_small_d,
+                    description=f"plain step of the d={d} problem (one L2 "
+                    "per weight matrix, sgd from log_lr and momentum)"),
+            cm.Case("hand_forward_mode", build_hand_forward_mode,
+                    description=f"hand-written vmap over {d} columns of a "
+                    "jvp of the step (w and momentum tangents) + Adam"),
+            cm.Case("forward_mode", build_forward_mode(1, 1.0),
+                    reference="hand_forward_mode",
+                    goal_vs_base=vs_plain(forward_mode_goal(d)),
+                    goal_vs_reference=GOAL_VS_HAND,
+                    description=f"ForwardMode(hyper_interval=1, decay=1)"
+                    f".step, d={d}, per inner step (goal 1.3 (1 + d))")]
+    if found["implicit"]:
+        k = IMPLICIT_TERMS
+        rows += [
+            cm.Case("hand_implicit",
+                    build_hand_implicit("cg", k, IMPLICIT_DAMPING),
+                    description=f"hand-written IFT: jax cg, {k} iterations "
+                    f"({k + 1} HVPs) + 1 joint (Hx, M^T x) product, "
+                    "residual, Adam"),
+            cm.Case("implicit", build_implicit("cg", k, IMPLICIT_DAMPING),
+                    reference="hand_implicit",
+                    goal_vs_reference=GOAL_VS_HAND,
+                    description=f"Implicit(solver='cg', terms={k}).step "
+                    f"({k + 2} forward-over-reverse products)"),
+            cm.Case("hand_implicit_neumann",
+                    build_hand_implicit("neumann", k, IMPLICIT_DAMPING),
+                    description=f"hand-written IFT: {k}-term Neumann series "
+                    f"({k - 1} HVPs) + 1 joint product, residual, Adam"),
+            cm.Case("implicit_neumann",
+                    build_implicit("neumann", k, IMPLICIT_DAMPING),
+                    reference="hand_implicit_neumann",
+                    goal_vs_reference=GOAL_VS_HAND,
+                    description=f"Implicit(solver='neumann', terms={k}, "
+                    f"neumann_scale=inner lr).step ({k} products)")]
     return rows
 
+
+# Rows a --quick run leaves out unless --cases names them: variants of rows
+# it runs (compiling, not timing, is most of a quick run: about 4-10 s per
+# checked pair on two cores).
+QUICK_SKIP = ("hand_greedy_unrolled", "greedy_unrolled", "plain_small_d",
+              "hand_implicit_neumann", "implicit_neumann")
 
 # Extra equivalence checks beyond (row, reference): the unrolled hand-written
 # greedy must compute what the library does too.
@@ -810,7 +1095,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
     p.add_argument("--quick", action="store_true",
-                   help="tiny sizes and few rounds (a smoke test, < 30 s)")
+                   help="tiny sizes, few rounds and, unless --cases is "
+                   "given, one row pair per algorithm (without the variant "
+                   "rows " + ", ".join(QUICK_SKIP) + "): a smoke test, "
+                   "< 30 s on an idle machine")
     p.add_argument("--rounds", type=int, default=None,
                    help="timed rounds (default 40, quick 4)")
     p.add_argument("--calls", type=int, default=0,
@@ -873,6 +1161,27 @@ def problem_from_args(args: argparse.Namespace) -> Problem:
         fd_radius=args.fd_radius, seed=args.seed)
 
 
+def extra_config(pb: Problem) -> Dict[str, Any]:
+    """The configuration of the ForwardMode and Implicit rows."""
+    k = IMPLICIT_TERMS
+    return {
+        "forward_mode": {
+            "d": small_d(len(pb.params)),
+            "hyperparameters": "log_l2 (one per weight matrix), log_lr, "
+            "momentum; inner sgd(exp(log_lr), momentum)",
+            "hyper_interval": 1, "decay": 1.0,
+            "goal_vs_plain": "1.3 * (1 + d)"},
+        "implicit": {
+            "hyperparameters": pb.config["hyperparameters"],
+            "terms": k, "damping": IMPLICIT_DAMPING,
+            "neumann_scale": pb.inner_lr, "hyper_interval": 1,
+            "warm_start": False,
+            "products_cg": f"{k + 1} HVPs in jax's cg (initial residual "
+            "included) + 1 joint (Hx, M^T x) product",
+            "products_neumann": f"{k - 1} HVPs + 1 joint product"},
+    }
+
+
 def _prebuilt(result):
     return lambda pb: result
 
@@ -885,8 +1194,12 @@ def main(argv=None) -> Dict[str, Any]:
     sample_seconds = args.sample_seconds or (0.005 if quick else 0.05)
     pb = problem_from_args(args)
     batch = pb.config["batch"]
+    d = small_d(len(pb.params))
 
-    registry = cases(args.horizon, args.lookahead, args.model)
+    registry = cases(args.horizon, args.lookahead, args.model,
+                     n_weights=len(pb.params))
+    if quick and not args.cases:  # compiling dominates a quick run
+        registry = [c for c in registry if c.name not in QUICK_SKIP]
     if args.cases:
         wanted = set(args.cases.split(",")) | {BASE}
         unknown = wanted - {c.name for c in registry}
@@ -951,7 +1264,8 @@ def main(argv=None) -> Dict[str, Any]:
         "command": " ".join([os.path.basename(sys.argv[0])]
                             + list(argv if argv is not None
                                    else sys.argv[1:])),
-        "config": dict(pb.config, rounds=rounds, calls=calls,
+        "config": dict(pb.config, **extra_config(pb),
+                       rounds=rounds, calls=calls,
                        warmup=warmup, quick=quick,
                        sample_seconds=sample_seconds,
                        optional_modules=optional_modules()),
@@ -962,6 +1276,10 @@ def main(argv=None) -> Dict[str, Any]:
                   "greedy_per_inner_step_vs_plain": GOAL_GREEDY_VS_PLAIN,
                   "hyperdistill_vs_plain": GOAL_HYPERDISTILL_VS_PLAIN,
                   "warm_start_total_vs_plain": GOAL_WARM_START_VS_PLAIN,
+                  "forward_mode_per_inner_step_vs_plain":
+                      forward_mode_goal(d),
+                  "forward_mode_vs_plain_rule":
+                      f"{GOAL_FORWARD_MODE_PER_COLUMN} * (1 + d), d = {d}",
                   "vs_plain_goals_apply_to": "mlp",
                   "library_vs_hand_written": GOAL_VS_HAND},
         "equivalence": equivalence,

@@ -49,8 +49,13 @@ def test_step_cost_quick_mlp(tmp_path):
     assert set(report["goals"]) == {
         "t1t2_exact_vs_plain", "t1t2_fd_vs_plain",
         "greedy_per_inner_step_vs_plain", "hyperdistill_vs_plain",
-        "warm_start_total_vs_plain", "vs_plain_goals_apply_to",
+        "warm_start_total_vs_plain", "forward_mode_per_inner_step_vs_plain",
+        "forward_mode_vs_plain_rule", "vs_plain_goals_apply_to",
         "library_vs_hand_written"}
+    # ForwardMode's problem: one L2 per weight matrix, log lr and momentum
+    assert report["config"]["forward_mode"]["d"] == 5
+    assert report["goals"]["forward_mode_per_inner_step_vs_plain"] == 7.8
+    assert report["config"]["implicit"]["terms"] == 10
     # the equivalence check ran before timing, on both core pairs
     assert set(report["equivalence"]) == {"t1t2_exact~hand_exact",
                                           "t1t2_fd~hand_fd"}
@@ -96,16 +101,18 @@ def _load_step_cost():
 def test_hand_written_rows_compute_the_library_maths():
     """Each hand-written row of the optional algorithms gives the library's
     hypergradient, hyperparameters and weights (float32, rtol 1e-4) over two
-    calls, on a tiny MLP; a hand-written row with another discount is caught.
-    (The T1-T2 pairs are checked by the quick run above.) Under 20 s: the
-    cost is compiling each step and hypergradient once."""
+    calls, on a tiny MLP; a hand-written row with another discount, or a CG
+    solve with one iteration fewer, is caught. (The T1-T2 pairs are checked
+    by the quick run above.) About 25 s on two cores: the cost is
+    compiling each step and hypergradient once."""
     sc = _load_step_cost()
     found = sc.optional_modules()
     if not any(found.values()):
         return
     pb = sc.problem_from_args(sc.parse_args(
         ["--quick", "--hidden", "16", "--batch", "8"]))
-    registry = sc.cases(horizon=2, lookahead=1, model="mlp")
+    registry = sc.cases(horizon=2, lookahead=1, model="mlp",
+                        n_weights=len(pb.params))
     # (the unrolled greedy row is checked by every full run of the script)
     pairs = [p for p in sc.check_pairs(registry)
              if not p[0].startswith("t1t2") and p not in sc.EXTRA_CHECKS]
@@ -121,6 +128,11 @@ def test_hand_written_rows_compute_the_library_maths():
         expected.add("hyperdistill~hand_hyperdistill")
     if found["warm_start"]:
         expected.add("warm_start~hand_warm_start")
+    if found["forward_mode"]:
+        expected.add("forward_mode~hand_forward_mode")
+    if found["implicit"]:
+        expected |= {"implicit~hand_implicit",
+                     "implicit_neumann~hand_implicit_neumann"}
     assert set(results) == expected
     for name, res in results.items():
         assert res["ok"], (name, res)
@@ -131,3 +143,10 @@ def test_hand_written_rows_compute_the_library_maths():
         wrong = sc.check_equivalence(
             prebuilt, [("greedy", "hand_gamma_0.5")], log=lambda line: None)
         assert not wrong["greedy~hand_gamma_0.5"]["ok"]
+    if found["implicit"]:
+        # ... nor blind to the number of Hessian-vector products
+        prebuilt["hand_cg_9"] = sc.build_hand_implicit(
+            "cg", sc.IMPLICIT_TERMS - 1, sc.IMPLICIT_DAMPING)(pb)
+        wrong = sc.check_equivalence(
+            prebuilt, [("implicit", "hand_cg_9")], log=lambda line: None)
+        assert not wrong["implicit~hand_cg_9"]["ok"]

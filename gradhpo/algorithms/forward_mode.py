@@ -387,12 +387,16 @@ class ForwardMode(BilevelOptimizer):
             step, (w_dot, s_dot) = gr.inner_step_jvp(
                 self.train_loss, self.inner_optimizer, state.params,
                 opt_state, state.hyperparams, train_batch,
-                (discount(z_w), s_dot, _basis_column(lam_f, j)), guard=True)
+                (discount(z_w), s_dot, _basis_column(lam_f, j)))
             return step, (w_dot, _float_part(s_dot, opt_state))
 
-        # the primal step does not depend on the column: computed once
+        # the primal step does not depend on the column: computed once.
+        # Unguarded inside the vmap (a select per tangent copy would be a
+        # pass over all d copies): the weights and state are guarded once
+        # here, and the tangents by the select below
         inner, (z_w, z_s) = jax.vmap(column, out_axes=(None, 0))(
             own.params_tangents, own.opt_state_tangents, jnp.arange(d))
+        inner = gr.guard_inner_step(inner, state.params, opt_state)
         finite = tu.all_finite((z_w, z_s))
         kept = tu.select(inner.finite & finite,
                          ForwardModeState(z_w, z_s), own)

@@ -402,10 +402,15 @@ class BilevelOptimizer(abc.ABC, metaclass=_OptimizerMeta):
 
         Returns:
           The next state (``step`` incremented by one). Non-finite values are
-          never propagated: a non-finite inner gradient leaves ``params`` and
-          ``inner_opt_state`` unchanged, a non-finite hypergradient leaves
-          ``hyperparams`` and ``outer_opt_state`` unchanged, and each
-          increments ``metadata["nonfinite_count"]``.
+          never propagated: a non-finite inner gradient or training loss, or
+          an inner update that overflows, leaves ``params`` and
+          ``inner_opt_state`` unchanged; a non-finite hypergradient or
+          validation loss leaves ``hyperparams`` and ``outer_opt_state``
+          unchanged; an outer update that is itself non-finite (overflow,
+          an outer optimizer with a NaN rate) leaves the affected
+          hyperparameters unchanged. Each event increments
+          ``metadata["nonfinite_count"]``, and a warning is shown once per
+          configuration when steps are being skipped.
 
         The method is pure and compiled once per input shape (arguments by
         position or keyword); it can be wrapped in :func:`jax.jit`,
@@ -576,11 +581,19 @@ class BilevelOptimizer(abc.ABC, metaclass=_OptimizerMeta):
             outer_meta = {}
         else:
             new_hp, new_outer, outer_meta = outer(state, safe)
-        # the result too: an outer update can overflow, or an outer
-        # optimizer with a NaN rate turn a finite hypergradient into NaN
-        outer_ok = outer_ok & tu.all_finite(new_hp)
         new_hp = tu.select(outer_ok, new_hp, state.hyperparams)
         new_outer = tu.select(outer_ok, new_outer, state.outer_opt_state)
+        # the result too: an outer update can overflow, or an outer
+        # optimizer with a NaN rate turn a finite hypergradient into NaN.
+        # Such entries keep their value, element by element (a select of
+        # the whole update would wait for a reduction over it: one more
+        # pass over the hyperparameters and the outer state), and the
+        # event is counted like a skipped update
+        result_ok = tu.all_finite(new_hp)
+        new_hp = jax.tree.map(
+            lambda n, o: jnp.where(jnp.isfinite(n), n, o)
+            if tu.is_float_leaf(n) else n, new_hp, state.hyperparams)
+        outer_ok = outer_ok & result_ok
         if inner_skips is None:
             inner_skips = jnp.logical_not(inner.finite).astype(jnp.int32)
         bad = inner_skips + jnp.logical_not(outer_ok).astype(jnp.int32)

@@ -51,22 +51,84 @@ import json
 import os
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from jax.scipy.ndimage import map_coordinates
-from tqdm import tqdm
-
-import gradhpo as gh
-
-import data_utils  # the examples' data loaders (examples/ is on sys.path)
-from common import (float_in, fraction, name_list, nonnegative_float,
-                    nonnegative_int, number_list, positive_float,
-                    positive_int, seed_int)
+from cli import (fill_defaults, float_in, fraction, name_list,
+                 nonnegative_float, nonnegative_int, number_list,
+                 positive_float, positive_int, progress, quick_help,
+                 seed_int)
 
 COST_PER_STEP = {"T1-T2": 3, "HyperDistill": 3}
 NAMES = ("shift", "noise")
+
+
+#: Defaults of the flags that --quick changes (their parser default is None,
+#: so that a flag given explicitly wins).
+NORMAL = dict(steps=1500, eval_every=50, hidden=256, max_train=0)
+QUICK = dict(steps=40, eval_every=10, hidden=32, max_train=300)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", help="directory with MNIST IDX files "
+                   "(default: scikit-learn's digits)")
+    p.add_argument("--steps", type=positive_int,
+                   help="inner steps of each tuned run (default "
+                   f"{NORMAL['steps']})")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--hidden", type=positive_int,
+                   help=f"default {NORMAL['hidden']}")
+    p.add_argument("--lr", type=positive_float, default=0.05,
+                   help="SGD learning rate (momentum 0.9)")
+    p.add_argument("--outer-lr", type=positive_float, default=0.05,
+                   help="Adam learning rate of the magnitude logits")
+    p.add_argument("--init-magnitude", type=fraction, default=0.2,
+                   help="initial m_shift = m_noise of the tuned runs, in "
+                   "[0, 1]")
+    p.add_argument("--max-shift", type=fraction, default=0.25,
+                   help="largest translation (m = 1) as a fraction of the "
+                   "image side, in [0, 1]")
+    p.add_argument("--max-noise", type=nonnegative_float, default=0.5,
+                   help="largest pixel-noise std (m = 1), pixels in [0, 1]")
+    p.add_argument("--grid", default="0.2,0.5,0.8",
+                   type=number_list(float_in(0.0, 1.0, low_open=True)),
+                   help="fixed magnitudes m_shift = m_noise to compare, "
+                   "in (0, 1]")
+    p.add_argument("--methods", default="T1-T2,HyperDistill",
+                   type=name_list(COST_PER_STEP),
+                   help="comma-separated tuned methods: T1-T2, HyperDistill")
+    p.add_argument("--gamma", type=fraction, default=0.9,
+                   help="HyperDistill discount, in [0, 1]")
+    p.add_argument("--max-train", type=nonnegative_int,
+                   help="use at most this many training examples (0: all; "
+                   "default 0)")
+    p.add_argument("--eval-every", type=positive_int,
+                   help=f"default {NORMAL['eval_every']}")
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--out", default="runs/augmentation",
+                   help="directory for plots and results.json")
+    p.add_argument("--quick", action="store_true",
+                   help=quick_help("a few steps on a small subset (for "
+                                   "tests)", NORMAL, QUICK))
+    args = fill_defaults(p.parse_args(argv), NORMAL, QUICK)
+    # both checked by their types: magnitudes in (0, 1], known methods
+    args.grid_values = [float(g) for g in args.grid.split(",")]
+    args.method_list = args.methods.split(",")
+    return args
+
+
+if __name__ == "__main__":
+    parse_args()    # --help and usage errors before JAX loads
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.scipy.ndimage import map_coordinates  # noqa: E402
+
+import gradhpo as gh  # noqa: E402
+
+import data_utils  # noqa: E402  (the examples' data loaders)
 
 
 # -- the differentiable augmentation ------------------------------------------
@@ -237,7 +299,7 @@ def run_tuned(name, opt, params, hp, data, args):
     else:
         state = opt.init(params, hp)
     curve = []
-    bar = tqdm(range(args.steps), desc=name, leave=False)
+    bar = progress(range(args.steps), desc=name, leave=False)
     for step in bar:
         state = opt.step(state, train_batch(train, args, step),
                          val_batch(val, args, step))
@@ -271,7 +333,7 @@ def run_fixed(name, step_fn, inner, params, magnitude, data, args, steps):
         hp = initial_hyperparams(magnitude)
     opt_state = inner.init(params)
     curve = []
-    for step in tqdm(range(steps), desc=name, leave=False):
+    for step in progress(range(steps), desc=name, leave=False):
         params, opt_state = step_fn(params, opt_state, hp,
                                     train_batch(train, args, step))
         if (step + 1) % args.eval_every == 0 or step + 1 == steps:
@@ -281,55 +343,6 @@ def run_fixed(name, step_fn, inner, params, magnitude, data, args, steps):
 
 
 # -- main ---------------------------------------------------------------------
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", help="directory with MNIST IDX files "
-                   "(default: scikit-learn's digits)")
-    p.add_argument("--steps", type=positive_int, default=1500,
-                   help="inner steps of each tuned run")
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--hidden", type=positive_int, default=256)
-    p.add_argument("--lr", type=positive_float, default=0.05,
-                   help="SGD learning rate (momentum 0.9)")
-    p.add_argument("--outer-lr", type=positive_float, default=0.05,
-                   help="Adam learning rate of the magnitude logits")
-    p.add_argument("--init-magnitude", type=fraction, default=0.2,
-                   help="initial m_shift = m_noise of the tuned runs, in "
-                   "[0, 1]")
-    p.add_argument("--max-shift", type=fraction, default=0.25,
-                   help="largest translation (m = 1) as a fraction of the "
-                   "image side, in [0, 1]")
-    p.add_argument("--max-noise", type=nonnegative_float, default=0.5,
-                   help="largest pixel-noise std (m = 1), pixels in [0, 1]")
-    p.add_argument("--grid", default="0.2,0.5,0.8",
-                   type=number_list(float_in(0.0, 1.0, low_open=True)),
-                   help="fixed magnitudes m_shift = m_noise to compare, "
-                   "in (0, 1]")
-    p.add_argument("--methods", default="T1-T2,HyperDistill",
-                   type=name_list(COST_PER_STEP),
-                   help="comma-separated tuned methods: T1-T2, HyperDistill")
-    p.add_argument("--gamma", type=fraction, default=0.9,
-                   help="HyperDistill discount, in [0, 1]")
-    p.add_argument("--max-train", type=nonnegative_int, default=0,
-                   help="use at most this many training examples (0: all)")
-    p.add_argument("--eval-every", type=positive_int, default=50)
-    p.add_argument("--seed", type=seed_int, default=0)
-    p.add_argument("--out", default="runs/augmentation",
-                   help="directory for plots and results.json")
-    p.add_argument("--quick", action="store_true",
-                   help="a few steps on a small subset (for tests)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.steps, args.eval_every, args.hidden = 40, 10, 32
-        args.max_train = args.max_train or 300
-    # both checked by their types: magnitudes in (0, 1], known methods
-    args.grid_values = [float(g) for g in args.grid.split(",")]
-    args.method_list = args.methods.split(",")
-    return args
-
 
 def main(argv=None):
     args = parse_args(argv)

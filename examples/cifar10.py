@@ -68,25 +68,88 @@ import pickle
 import sys
 import time
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from tqdm import tqdm
-
-import gradhpo as gh
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cli import (fill_defaults, float_in, nonnegative_int,  # noqa: E402
+                 open_fraction, positive_float, positive_int, progress,
+                 quick_help, seed_int)
+
+MAX_SMOOTHING = 0.5
+COST_PER_STEP = {"untuned": 1, "T1-T2": 3}
+
+
+#: Defaults of the flags that --quick changes (their parser default is None,
+#: so that a flag given explicitly wins). The short --quick run needs a
+#: larger --outer-lr for a visible hyperparameter step.
+NORMAL = dict(steps=5000, eval_every=250, eval_size=1000, batch_size=128,
+              width=16, max_train=0, outer_lr=0.01)
+QUICK = dict(steps=6, eval_every=3, eval_size=0, batch_size=16, width=4,
+             max_train=256, outer_lr=0.05)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0].replace("\n", " "),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Needs the CIFAR-10 python batches (--data-dir) unless "
+               "--quick.")
+    p.add_argument("--data-dir", help="cifar-10-batches-py or its parent")
+    p.add_argument("--steps", type=positive_int,
+                   help=f"inner steps of each run (default {NORMAL['steps']})")
+    p.add_argument("--batch-size", type=positive_int,
+                   help=f"default {NORMAL['batch_size']}")
+    p.add_argument("--lr", type=positive_float, default=0.1,
+                   help="peak SGD learning rate (cosine decay, momentum 0.9)")
+    p.add_argument("--outer-lr", type=positive_float,
+                   help="Adam learning rate of the hyperparameters (default "
+                   f"{NORMAL['outer_lr']})")
+    p.add_argument("--init-wd", type=positive_float, default=5e-4,
+                   help="initial weight decay (> 0: it is log-parametrised)")
+    p.add_argument("--init-smoothing", default=0.05,
+                   type=float_in(0.0, MAX_SMOOTHING, low_open=True,
+                                 high_open=True),
+                   help=f"initial label smoothing, in (0, {MAX_SMOOTHING})")
+    p.add_argument("--init-magnitude", type=open_fraction, default=0.5,
+                   help="initial augmentation magnitude, in (0, 1)")
+    p.add_argument("--width", type=positive_int,
+                   help="channels of the first stage (default and ResNet-20: "
+                   f"{NORMAL['width']})")
+    p.add_argument("--blocks", type=positive_int, default=3,
+                   help="basic blocks per stage (ResNet-20: 3)")
+    p.add_argument("--max-train", type=nonnegative_int,
+                   help="use at most this many training images (0: all; "
+                   "default 0)")
+    p.add_argument("--eval-every", type=positive_int,
+                   help=f"default {NORMAL['eval_every']}")
+    p.add_argument("--eval-size", type=nonnegative_int,
+                   help="validation images for the curve (0: all; the "
+                   f"final row uses them all; default {NORMAL['eval_size']})")
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--out", default="runs/cifar10",
+                   help="directory for plots and results.json")
+    p.add_argument("--quick", action="store_true",
+                   help=quick_help("generated CIFAR-format data (unless "
+                                   "--data-dir), a narrow ResNet and a few "
+                                   "steps (for tests)", NORMAL, QUICK))
+    args = fill_defaults(p.parse_args(argv), NORMAL, QUICK)
+    return args
+
+
+if __name__ == "__main__":
+    parse_args()    # --help and usage errors before JAX loads
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import gradhpo as gh  # noqa: E402
+
 import data_utils  # noqa: E402  (the examples' data loaders)
 from augmentation import augment  # noqa: E402  (the sibling example)
-from common import (float_in, nonnegative_int, open_fraction,  # noqa: E402
-                    positive_float, positive_int, seed_int)
 
 MAX_SHIFT = 4.0     # pixels at m = 1: the standard pad-4 random crop
 MAX_NOISE = 0.25    # pixel-noise std at m = 1, standardised units
-MAX_SMOOTHING = 0.5
-COST_PER_STEP = {"untuned": 1, "T1-T2": 3}
 NO_DATA = """\
 CIFAR-10 is needed: pass --data-dir with the CIFAR-10 python batches
 (data_batch_1 ... data_batch_5, test_batch), i.e. the directory
@@ -329,7 +392,7 @@ def run(name, params, hp, data, args, problem, evaluate):
         current = lambda s: (s[0], hp)  # noqa: E731
     curve = []
     start = time.perf_counter()
-    bar = tqdm(range(args.steps), desc=name, leave=False)
+    bar = progress(range(args.steps), desc=name, leave=False)
     for i in bar:
         state = step(state, i)
         if (i + 1) % args.eval_every == 0 or i + 1 == args.steps:
@@ -349,54 +412,6 @@ def run(name, params, hp, data, args, problem, evaluate):
 
 
 # -- main ---------------------------------------------------------------------
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0].replace("\n", " "),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Needs the CIFAR-10 python batches (--data-dir) unless "
-               "--quick.")
-    p.add_argument("--data-dir", help="cifar-10-batches-py or its parent")
-    p.add_argument("--steps", type=positive_int, default=5000,
-                   help="inner steps of each run")
-    p.add_argument("--batch-size", type=positive_int, default=128)
-    p.add_argument("--lr", type=positive_float, default=0.1,
-                   help="peak SGD learning rate (cosine decay, momentum 0.9)")
-    p.add_argument("--outer-lr", type=positive_float, default=0.01,
-                   help="Adam learning rate of the hyperparameters")
-    p.add_argument("--init-wd", type=positive_float, default=5e-4,
-                   help="initial weight decay (> 0: it is log-parametrised)")
-    p.add_argument("--init-smoothing", default=0.05,
-                   type=float_in(0.0, MAX_SMOOTHING, low_open=True,
-                                 high_open=True),
-                   help=f"initial label smoothing, in (0, {MAX_SMOOTHING})")
-    p.add_argument("--init-magnitude", type=open_fraction, default=0.5,
-                   help="initial augmentation magnitude, in (0, 1)")
-    p.add_argument("--width", type=positive_int, default=16,
-                   help="channels of the first stage (ResNet-20: 16)")
-    p.add_argument("--blocks", type=positive_int, default=3,
-                   help="basic blocks per stage (ResNet-20: 3)")
-    p.add_argument("--max-train", type=nonnegative_int, default=0,
-                   help="use at most this many training images (0: all)")
-    p.add_argument("--eval-every", type=positive_int, default=250)
-    p.add_argument("--eval-size", type=nonnegative_int, default=1000,
-                   help="validation images for the curve (0: all; the "
-                   "final row uses them all)")
-    p.add_argument("--seed", type=seed_int, default=0)
-    p.add_argument("--out", default="runs/cifar10",
-                   help="directory for plots and results.json")
-    p.add_argument("--quick", action="store_true",
-                   help="generated CIFAR-format data (unless --data-dir), a "
-                   "narrow ResNet and a few steps (for tests)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.steps, args.eval_every, args.eval_size = 6, 3, 0
-        args.batch_size, args.width = 16, 4
-        args.max_train = args.max_train or 256
-        # the short run needs a visible hyperparameter step
-        args.outer_lr = max(args.outer_lr, 0.05)
-    return args
-
 
 def initial_hyperparams(args):
     logit = lambda p: float(np.log(p / (1 - p)))  # noqa: E731

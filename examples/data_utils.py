@@ -33,6 +33,14 @@ differs from the published one (the partial file is deleted and
 jitted step sees one shape and compiles once.
 """
 
+if __name__ == "__main__":      # answer before importing JAX
+    import cli
+    cli.support_module_main(
+        __doc__,
+        "data_utils.py is a support module: the examples' data "
+        "loaders; it has nothing to run. Run an example, e.g. python "
+        "examples/mnist.py --help.")
+
 import codecs
 import gzip
 import hashlib

@@ -58,18 +58,70 @@ import json
 import os
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from sklearn.metrics import roc_auc_score
-from tqdm import tqdm
+from cli import (fill_defaults, float_in, fraction, nonnegative_int,
+                 open_fraction, positive_float, positive_int, progress,
+                 quick_help, seed_int)
 
-import gradhpo as gh
+#: Defaults of the flags that --quick changes (their parser default is None,
+#: so that a flag given explicitly wins).
+NORMAL = dict(steps=2000, max_train=0)
+QUICK = dict(steps=300, max_train=500)
 
-from common import evaluate, init_mlp, load_flat_splits, logits, take
-from common import (float_in, fraction, nonnegative_int, open_fraction,
-                    positive_float, positive_int, seed_int)
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", help="directory with MNIST IDX files")
+    p.add_argument("--corrupt", type=open_fraction, default=0.3,
+                   help="fraction of training labels corrupted, in (0, 1)")
+    p.add_argument("--steps", type=positive_int,
+                   help="inner steps per method (a multiple of --horizon; "
+                   f"default {NORMAL['steps']})")
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--val-batch-size", type=nonnegative_int, default=0,
+                   help="validation batch size (0: the whole set)")
+    p.add_argument("--hidden", type=nonnegative_int, default=0,
+                   help="hidden units of a one-hidden-layer MLP (0: linear)")
+    p.add_argument("--inner-lr", type=positive_float, default=0.1)
+    p.add_argument("--momentum", default=0.9,
+                   type=float_in(0.0, 1.0, high_open=True),
+                   help="SGD momentum, in [0, 1)")
+    p.add_argument("--outer-lr", type=positive_float, default=0.1,
+                   help="Adam step on the weight logits alpha")
+    p.add_argument("--horizon", type=positive_int, default=5,
+                   help="Greedy horizon")
+    p.add_argument("--gamma", type=fraction, default=0.9,
+                   help="Greedy discount, in [0, 1]")
+    p.add_argument("--max-train", type=nonnegative_int,
+                   help="use at most this many training examples (0: all; "
+                   "default 0)")
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--out", default="runs/hyper_cleaning",
+                   help="directory for plots and results.json")
+    p.add_argument("--quick", action="store_true",
+                   help=quick_help("a few steps on a small subset (for "
+                                   "tests)", NORMAL, QUICK))
+    args = fill_defaults(p.parse_args(argv), NORMAL, QUICK)
+    if args.steps % args.horizon:
+        p.error(f"--steps ({args.steps}) must be a multiple of --horizon "
+                f"({args.horizon})")
+    return args
+
+
+if __name__ == "__main__":
+    parse_args()    # --help and usage errors before JAX loads
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
+
+import gradhpo as gh  # noqa: E402
+
+from common import (  # noqa: E402
+    evaluate, init_mlp, load_flat_splits, logits, take)
 
 NUM_CLASSES = 10
 #: gradient evaluations per inner step (see the module docstring)
@@ -152,7 +204,8 @@ def step_batches(data, seed, first, count, size):
 def run_hpo(name, opt, horizon, params, hp, train, val, args):
     """``args.steps`` inner steps of one gradient-based method."""
     state = opt.init(params, hp)
-    for call in tqdm(range(args.steps // horizon), desc=name, leave=False):
+    for call in progress(range(args.steps // horizon), desc=name,
+                         leave=False):
         first = call * horizon
         state = opt.step(
             state,
@@ -174,7 +227,7 @@ def run_fixed(name, weights_logit, params, train, args):
         return optax.apply_updates(p, u), s
 
     p, s = params, tx.init(params)
-    for i in tqdm(range(args.steps), desc=name, leave=False):
+    for i in progress(range(args.steps), desc=name, leave=False):
         p, s = step(p, s, step_batches(train, args.seed, i, 1,
                                        args.batch_size))
     return p
@@ -185,47 +238,6 @@ def inner_optimizer(args):
 
 
 # -- main ---------------------------------------------------------------------
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", help="directory with MNIST IDX files")
-    p.add_argument("--corrupt", type=open_fraction, default=0.3,
-                   help="fraction of training labels corrupted, in (0, 1)")
-    p.add_argument("--steps", type=positive_int, default=2000,
-                   help="inner steps per method (a multiple of --horizon)")
-    p.add_argument("--batch-size", type=positive_int, default=128)
-    p.add_argument("--val-batch-size", type=nonnegative_int, default=0,
-                   help="validation batch size (0: the whole set)")
-    p.add_argument("--hidden", type=nonnegative_int, default=0,
-                   help="hidden units of a one-hidden-layer MLP (0: linear)")
-    p.add_argument("--inner-lr", type=positive_float, default=0.1)
-    p.add_argument("--momentum", default=0.9,
-                   type=float_in(0.0, 1.0, high_open=True),
-                   help="SGD momentum, in [0, 1)")
-    p.add_argument("--outer-lr", type=positive_float, default=0.1,
-                   help="Adam step on the weight logits alpha")
-    p.add_argument("--horizon", type=positive_int, default=5,
-                   help="Greedy horizon")
-    p.add_argument("--gamma", type=fraction, default=0.9,
-                   help="Greedy discount, in [0, 1]")
-    p.add_argument("--max-train", type=nonnegative_int, default=0,
-                   help="use at most this many training examples (0: all)")
-    p.add_argument("--seed", type=seed_int, default=0)
-    p.add_argument("--out", default="runs/hyper_cleaning",
-                   help="directory for plots and results.json")
-    p.add_argument("--quick", action="store_true",
-                   help="a few steps on a small subset (for tests)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.steps = 300
-        args.max_train = args.max_train or 500
-    if args.steps % args.horizon:
-        p.error(f"--steps ({args.steps}) must be a multiple of --horizon "
-                f"({args.horizon})")
-    return args
-
 
 def main(argv=None):
     args = parse_args(argv)

@@ -54,6 +54,14 @@ mean natural-log negative log-likelihood over *all predicted tokens*
 of tokens — not an average of per-batch perplexities).
 """
 
+if __name__ == "__main__":      # answer before importing JAX
+    import cli
+    cli.support_module_main(
+        __doc__,
+        "lm.py is a support module: the transformer LM that python "
+        "examples/ohgw.py --task language tunes; it has nothing to "
+        "run. See python examples/ohgw.py --help.")
+
 import dataclasses
 import math
 import flax.linen as nn

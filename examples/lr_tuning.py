@@ -79,19 +79,72 @@ import json
 import os
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from tqdm import tqdm
+from cli import (fill_defaults, fraction, nonnegative_float,
+                 nonnegative_int, number_list, open_fraction, positive_float,
+                 positive_int, progress, quick_help, seed_int)
 
-import gradhpo as gh
+#: Defaults of the flags that --quick changes (their parser default is None,
+#: so that a flag given explicitly wins).
+NORMAL = dict(steps=1500, eval_every=50, horizon=10,
+              grid="0.01,0.03,0.1,0.3", max_train=0)
+QUICK = dict(steps=60, eval_every=20, horizon=5, grid="0.03,0.3",
+             max_train=300)
 
-from common import batch_indices, evaluate, init_mlp, load_flat_splits, take
-from common import logits
-from common import (fraction, nonnegative_float, nonnegative_int,
-                    number_list, open_fraction, positive_float,
-                    positive_int, seed_int)
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", help="directory with MNIST IDX files")
+    p.add_argument("--steps", type=positive_int,
+                   help="inner steps per tuned run (a multiple of "
+                   f"--horizon; default {NORMAL['steps']})")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--hidden", type=positive_int, default=128)
+    p.add_argument("--weight-decay", type=nonnegative_float, default=1e-2,
+                   help="fixed L2 coefficient in the training loss")
+    p.add_argument("--init-lr", type=positive_float, default=0.3)
+    p.add_argument("--init-momentum", type=open_fraction, default=0.5,
+                   help="initial momentum, in (0, 1)")
+    p.add_argument("--outer-lr", type=positive_float, default=0.03,
+                   help="Adam (b2 = 0.99) step on log_lr and mom_logit")
+    p.add_argument("--horizon", type=positive_int,
+                   help=f"Greedy horizon (default {NORMAL['horizon']})")
+    p.add_argument("--gamma", type=fraction, default=0.9,
+                   help="Greedy discount, in [0, 1]")
+    p.add_argument("--grid", type=number_list(positive_float),
+                   help="fixed learning rates sharing one tuned run's budget "
+                   f"(default {NORMAL['grid']})")
+    p.add_argument("--max-train", type=nonnegative_int,
+                   help="use at most this many training examples (0: all; "
+                   "default 0)")
+    p.add_argument("--eval-every", type=positive_int,
+                   help=f"default {NORMAL['eval_every']}")
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--out", default="runs/lr_tuning",
+                   help="directory for plots and results.json")
+    p.add_argument("--quick", action="store_true",
+                   help=quick_help("a few steps on a small subset (for "
+                                   "tests)", NORMAL, QUICK))
+    args = fill_defaults(p.parse_args(argv), NORMAL, QUICK)
+    if args.steps % args.horizon:
+        p.error(f"--steps ({args.steps}) must be a multiple of --horizon "
+                f"({args.horizon})")
+    return args
+
+
+if __name__ == "__main__":
+    parse_args()    # --help and usage errors before JAX loads
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import gradhpo as gh  # noqa: E402
+
+from common import (  # noqa: E402
+    batch_indices, evaluate, init_mlp, load_flat_splits, logits, take)
 
 #: gradient evaluations per inner step (see the module docstring)
 COST_PER_STEP = {"T1-T2": 3, "Greedy": 3, "fixed": 1}
@@ -165,7 +218,7 @@ def run_hpo(name, opt, horizon, params, hp, data, args):
     state = opt.init(params, hp)
     calls = args.steps // horizon
     lrs, moms, curve = [], [], []
-    for call in tqdm(range(calls), desc=name, leave=False):
+    for call in progress(range(calls), desc=name, leave=False):
         first = call * horizon
         if horizon == 1:
             tb = take(train, batch_indices(args.seed, first, len(train[0]),
@@ -211,49 +264,6 @@ def run_fixed(train_loss, lr, mom, steps, params, data, args):
 
 # -- main ---------------------------------------------------------------------
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", help="directory with MNIST IDX files")
-    p.add_argument("--steps", type=positive_int, default=1500,
-                   help="inner steps per tuned run (a multiple of "
-                   "--horizon)")
-    p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--hidden", type=positive_int, default=128)
-    p.add_argument("--weight-decay", type=nonnegative_float, default=1e-2,
-                   help="fixed L2 coefficient in the training loss")
-    p.add_argument("--init-lr", type=positive_float, default=0.3)
-    p.add_argument("--init-momentum", type=open_fraction, default=0.5,
-                   help="initial momentum, in (0, 1)")
-    p.add_argument("--outer-lr", type=positive_float, default=0.03,
-                   help="Adam (b2 = 0.99) step on log_lr and mom_logit")
-    p.add_argument("--horizon", type=positive_int, default=10,
-                   help="Greedy horizon")
-    p.add_argument("--gamma", type=fraction, default=0.9,
-                   help="Greedy discount, in [0, 1]")
-    p.add_argument("--grid", default="0.01,0.03,0.1,0.3",
-                   type=number_list(positive_float),
-                   help="fixed learning rates sharing one tuned run's budget")
-    p.add_argument("--max-train", type=nonnegative_int, default=0,
-                   help="use at most this many training examples (0: all)")
-    p.add_argument("--eval-every", type=positive_int, default=50)
-    p.add_argument("--seed", type=seed_int, default=0)
-    p.add_argument("--out", default="runs/lr_tuning",
-                   help="directory for plots and results.json")
-    p.add_argument("--quick", action="store_true",
-                   help="a few steps on a small subset (for tests)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.steps, args.eval_every, args.horizon = 60, 20, 5
-        args.grid = "0.03,0.3"
-        args.max_train = args.max_train or 300
-    if args.steps % args.horizon:
-        p.error(f"--steps ({args.steps}) must be a multiple of --horizon "
-                f"({args.horizon})")
-    return args
-
-
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -294,7 +304,7 @@ def main(argv=None):
     grid = [float(x) for x in args.grid.split(",")]
     grid_steps = COST_PER_STEP["T1-T2"] * args.steps // len(grid)
     grid_rows = []
-    for lr in tqdm(grid, desc="fixed-lr grid", leave=False):
+    for lr in progress(grid, desc="fixed-lr grid", leave=False):
         start = time.perf_counter()
         p, curve = run_fixed(loss, lr, args.init_momentum, grid_steps, params,
                              (train, val), args)

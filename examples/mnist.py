@@ -34,27 +34,87 @@ refuses one saved with other settings (another ``--seed``, ``--steps``, ...).
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from tqdm import tqdm
+from cli import (fill_defaults, finite_float, fraction, name_list,
+                 nonnegative_int, positive_float, positive_int, progress,
+                 quick_help, seed_int)
 
-import gradhpo as gh
+METHODS = ("T1-T2", "Greedy", "HyperDistill", "untuned", "random")
+#: Defaults of the flags that --quick changes (their parser default is None,
+#: so that a flag given explicitly wins).
+NORMAL = dict(steps=1200, eval_every=50, random_trials=6, max_train=0)
+QUICK = dict(steps=48, eval_every=8, random_trials=2, max_train=300)
 
-from common import (batch_indices, cross_entropy, evaluate, init_mlp,
-                    load_flat_splits, take)
-from common import (finite_float, fraction, name_list, nonnegative_int,
-                    positive_float, positive_int, seed_int)
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", help="directory with MNIST IDX files")
+    p.add_argument("--steps", type=positive_int,
+                   help="inner steps per gradient-based method (default "
+                   f"{NORMAL['steps']})")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--hidden", type=positive_int, default=128)
+    p.add_argument("--per-weight", action="store_true",
+                   help="one L2 hyperparameter per weight")
+    p.add_argument("--horizon", type=positive_int, default=4,
+                   help="Greedy horizon")
+    p.add_argument("--gamma", type=fraction, default=0.9,
+                   help="Greedy / HyperDistill discount, in [0, 1]")
+    p.add_argument("--outer-lr", type=positive_float, default=0.03)
+    p.add_argument("--init-log-l2", type=finite_float, default=-2.0)
+    p.add_argument("--init-log-lr", type=finite_float,
+                   default=math.log(0.02))
+    p.add_argument("--random-trials", type=positive_int,
+                   help=f"default {NORMAL['random_trials']}")
+    p.add_argument("--max-train", type=nonnegative_int,
+                   help="use at most this many training examples (0: all; "
+                   "default 0)")
+    p.add_argument("--eval-every", type=positive_int,
+                   help=f"default {NORMAL['eval_every']}")
+    p.add_argument("--methods", type=name_list(METHODS),
+                   default="T1-T2,Greedy,HyperDistill,untuned,random",
+                   help="comma-separated subset to run, from "
+                   f"{', '.join(METHODS)}")
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--out", default="runs/mnist",
+                   help="directory for plots and results.json")
+    p.add_argument("--checkpoint-dir",
+                   help="save each method's state here while it runs")
+    p.add_argument("--checkpoint-every", type=positive_int, default=100)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the states in --checkpoint-dir "
+                   "(refused if they were saved with other settings)")
+    p.add_argument("--quick", action="store_true",
+                   help=quick_help("a few steps on a small subset (for "
+                                   "tests)", NORMAL, QUICK))
+    args = fill_defaults(p.parse_args(argv), NORMAL, QUICK)
+    if args.resume and not args.checkpoint_dir:
+        p.error("--resume needs --checkpoint-dir")
+    return args
+
+
+if __name__ == "__main__":
+    parse_args()    # --help and usage errors before JAX loads
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import gradhpo as gh  # noqa: E402
+
+from common import (  # noqa: E402
+    batch_indices, cross_entropy, evaluate, init_mlp, load_flat_splits, take)
 
 COST_PER_STEP = {"T1-T2": 3, "Greedy": 3, "HyperDistill": 3}
-METHODS = ("T1-T2", "Greedy", "HyperDistill", "untuned", "random")
 
 
 # -- data and model -----------------------------------------------------------
@@ -119,8 +179,8 @@ def run_hpo(name, opt, init_state, train, val, args, calls, per_call,
     config = run_config(args, name)
     start = int(state.step)
     stacked = per_call if name == "Greedy" and per_call > 1 else None
-    for call in tqdm(range(start, calls), desc=name, initial=start,
-                     total=calls, leave=False):
+    for call in progress(range(start, calls), desc=name, initial=start,
+                         total=calls, leave=False):
         tidx = batch_indices(args.seed, 2 * call, len(train[0]),
                              args.batch_size, stacked)
         vidx = batch_indices(args.seed, 2 * call + 1, len(val[0]),
@@ -354,8 +414,8 @@ def random_search(params, train, val, args, budget):
     rng = np.random.default_rng(args.seed + 1)
     steps = max(1, budget // args.random_trials)
     best, curve, spent = None, [], 0
-    for _ in tqdm(range(args.random_trials), desc="random search",
-                  leave=False):
+    for _ in progress(range(args.random_trials), desc="random search",
+                      leave=False):
         hp = initial_hyperparams(
             params, args, log_l2=rng.uniform(-10.0, 0.0),
             log_lr=rng.uniform(np.log(1e-3), np.log(0.5)))
@@ -373,53 +433,6 @@ def random_search(params, train, val, args, budget):
 
 
 # -- main ---------------------------------------------------------------------
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", help="directory with MNIST IDX files")
-    p.add_argument("--steps", type=positive_int, default=1200,
-                   help="inner steps per gradient-based method")
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--hidden", type=positive_int, default=128)
-    p.add_argument("--per-weight", action="store_true",
-                   help="one L2 hyperparameter per weight")
-    p.add_argument("--horizon", type=positive_int, default=4,
-                   help="Greedy horizon")
-    p.add_argument("--gamma", type=fraction, default=0.9,
-                   help="Greedy / HyperDistill discount, in [0, 1]")
-    p.add_argument("--outer-lr", type=positive_float, default=0.03)
-    p.add_argument("--init-log-l2", type=finite_float, default=-2.0)
-    p.add_argument("--init-log-lr", type=finite_float,
-                   default=float(np.log(0.02)))
-    p.add_argument("--random-trials", type=positive_int, default=6)
-    p.add_argument("--max-train", type=nonnegative_int, default=0,
-                   help="use at most this many training examples (0: all)")
-    p.add_argument("--eval-every", type=positive_int, default=50)
-    p.add_argument("--methods", type=name_list(METHODS),
-                   default="T1-T2,Greedy,HyperDistill,untuned,random",
-                   help="comma-separated subset to run, from "
-                   f"{', '.join(METHODS)}")
-    p.add_argument("--seed", type=seed_int, default=0)
-    p.add_argument("--out", default="runs/mnist",
-                   help="directory for plots and results.json")
-    p.add_argument("--checkpoint-dir",
-                   help="save each method's state here while it runs")
-    p.add_argument("--checkpoint-every", type=positive_int, default=100)
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the states in --checkpoint-dir "
-                   "(refused if they were saved with other settings)")
-    p.add_argument("--quick", action="store_true",
-                   help="a few steps on a small subset (for tests)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.steps, args.eval_every, args.random_trials = 48, 8, 2
-        args.max_train = args.max_train or 300
-    if args.resume and not args.checkpoint_dir:
-        p.error("--resume needs --checkpoint-dir")
-    return args
-
 
 def build_optimizers(args):
     outer = optax.adam(args.outer_lr)

@@ -154,34 +154,250 @@ import sys
 import time
 import types
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-import optuna
-from jax import lax
-from tqdm import tqdm
-
-import gradhpo as gh
-from gradhpo.integrations.optuna import OptunaWarmStart
-from gradhpo.integrations.pasha import (PASHADecision, PASHAPruner,
-                                        pasha_best_trial)
-from gradhpo.utils import gradients as gr
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-import data_utils  # noqa: E402  (the examples' data loaders)
-import lm  # noqa: E402  (the sibling example: the transformer LM)
-import text_utils  # noqa: E402  (the examples' text corpora)
-from common import (float_in, name_list, nonnegative_int,  # noqa: E402
-                    positive_float, positive_int, seed_int)
+from cli import (fill_defaults, float_in, name_list,  # noqa: E402
+                 nonnegative_int, positive_float, positive_int, progress,
+                 seed_int)
 
-lm_defaults = lm.SMALL
 #: --task language: default target validation perplexity (byte level) of
 #: the small CPU model, and of the GPT-2-small-sized model with --full.
 DEFAULT_TARGET_PPL = 20.0
 FULL_TARGET_PPL = 3.0
 ETAS = (1e-4, 3e-4, 1e-3, 3e-3)
+#: The sizes of ``lm.SMALL`` (the default language model), as flags; kept
+#: here so that parsing flags does not import Flax (a test checks them).
+LM_DEFAULTS = dict(layers=2, d_model=64, heads=4, context=64)
+
+
+def variants(args):
+    """``{name: (num_steps, direction, eta)}``; None for the baseline."""
+    out = {"baseline": None, "ohgw1": (1, "hypergradient", args.eta),
+           "ohgw3": (3, "hypergradient", args.eta),
+           "random": (1, "random", args.eta)}
+    if args.eta_sweep:
+        for eta in ETAS:
+            if eta != args.eta:
+                out[f"ohgw1_eta{eta:.0e}"] = (1, "hypergradient", eta)
+    if args.variants:
+        keep = args.variants.split(",")
+        unknown = sorted(set(keep) - set(out))
+        if unknown:
+            raise SystemExit(f"--variants: unknown {unknown}; choose from "
+                             f"{sorted(out)}")
+        out = {k: v for k, v in out.items() if k in keep}
+    return out
+
+
+#: --label-noise / --token-noise: a share of the training data, [0, 1).
+noise_share = float_in(0.0, 1.0, high_open=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="See the module docstring (python -c 'import ohgw; "
+               "help(ohgw)') for the metrics and the cost unit.")
+    p.add_argument("--task", choices=("vision", "language"),
+                   default="vision",
+                   help="vision: an MLP / ResNet-20 classifier; language: "
+                   "a decoder-only transformer LM (examples/lm.py)")
+    p.add_argument("--scheduler", choices=("asha", "pasha"),
+                   help="default: asha (vision), pasha (language)")
+    p.add_argument("--sampler", choices=("random", "tpe"), default="random")
+    p.add_argument("--trials", type=positive_int,
+                   help="trials per study (one study per variant and seed; "
+                   "default 64 vision, 12 language)")
+    p.add_argument("--max-reports", type=positive_int,
+                   help="reports (epochs) of a trial that is never pruned "
+                   "(default 27 vision, 9 language)")
+    p.add_argument("--target", type=float_in(0.0, 1.0, low_open=True),
+                   help="vision: target validation accuracy tau, in (0, 1] "
+                   "(default: 0.975 digits, 0.95 MNIST, 0.93 CIFAR-10)")
+    p.add_argument("--target-ppl", type=float_in(1.0),
+                   help="language: target validation perplexity tau "
+                   f"(default {DEFAULT_TARGET_PPL}; --full "
+                   f"{FULL_TARGET_PPL})")
+    p.add_argument("--eta", type=positive_float, default=1e-3,
+                   help="hyper step size eta_h (paper: 1e-3)")
+    p.add_argument("--eta-sweep", action="store_true",
+                   help="add ohgw1 at eta_h in {1e-4, 3e-4, 1e-3, 3e-3}")
+    p.add_argument("--lookahead", type=positive_int,
+                   help="inner steps K of the warm-start lookahead (default "
+                   "2; 1 with --task language --quick)")
+    p.add_argument("--variants",
+                   help="comma-separated subset of the variants to run")
+    p.add_argument("--data-dir",
+                   help="MNIST IDX files (or, with --full, CIFAR-10; with "
+                   "--task language, the WikiText-103 raw files)")
+    p.add_argument("--text",
+                   help="language: a plain-text corpus (split 90/5/5)")
+    p.add_argument("--full", action="store_true",
+                   help="ResNet-20 on CIFAR-10, with augmentation magnitude "
+                   "(language: the GPT-2-small-sized model)")
+    p.add_argument("--label-noise", type=noise_share, default=0.0,
+                   help="vision: replace this share of training labels by "
+                   "a different random class (seeded by --seed), in [0, 1)")
+    p.add_argument("--token-noise", type=noise_share, default=0.0,
+                   help="language: replace this share of training tokens "
+                   "by a different random byte (seeded by --seed), in "
+                   "[0, 1)")
+    p.add_argument("--batch-size", type=positive_int,
+                   help="default 128 (vision), 32 windows (language)")
+    p.add_argument("--layers", type=positive_int,
+                   help="language: transformer blocks (default "
+                   f"{LM_DEFAULTS['layers']})")
+    p.add_argument("--d-model", type=positive_int,
+                   help="language: model width (default "
+                   f"{LM_DEFAULTS['d_model']})")
+    p.add_argument("--heads", type=positive_int,
+                   help="language: attention heads (default "
+                   f"{LM_DEFAULTS['heads']})")
+    p.add_argument("--context", type=positive_int,
+                   help="language: tokens per window (default "
+                   f"{LM_DEFAULTS['context']})")
+    p.add_argument("--eval-tokens", type=nonnegative_int,
+                   help="language: validation tokens per report (0: all; "
+                   "default 16384)")
+    p.add_argument("--ood-tokens", type=nonnegative_int,
+                   help="language: out-of-domain tokens (0: all; default "
+                   "65536)")
+    p.add_argument("--hidden", type=positive_int, default=64,
+                   help="MLP hidden width")
+    p.add_argument("--max-train", type=nonnegative_int,
+                   help="at most this many training examples (0: all; "
+                   "default 0)")
+    p.add_argument("--width", type=positive_int,
+                   help="--full: ResNet channels of stage 1 (default 16)")
+    p.add_argument("--blocks", type=positive_int,
+                   help="--full: blocks per stage (default and ResNet-20: 3)")
+    p.add_argument("--steps-per-report", type=positive_int,
+                   help="--full: SGD steps between reports (default 352, "
+                   "~1 epoch); language: AdamW steps (default 25)")
+    p.add_argument("--eval-size", type=nonnegative_int, default=0,
+                   help="--full: validation images per report (0: all)")
+    p.add_argument("--seed", type=seed_int, default=0,
+                   help="first seed (also the data split)")
+    p.add_argument("--seeds", type=positive_int,
+                   help="paired seeds: seed, seed+1, ... (default 8 vision, "
+                   "6 language)")
+    p.add_argument("--storage",
+                   help="Optuna journal file path or database URL")
+    p.add_argument("--study-name", default="ohgw")
+    p.add_argument("--workers", type=positive_int, default=1,
+                   help="processes sharing each study (needs --storage)")
+    p.add_argument("--worker-index", type=nonnegative_int, default=0,
+                   help=argparse.SUPPRESS)
+    p.add_argument("--analyse-only", action="store_true",
+                   help="only read the studies in --storage and report")
+    p.add_argument("--out", default="runs/ohgw",
+                   help="directory for plots and results.json")
+    p.add_argument("--quick", action="store_true",
+                   help="a small run for tests (well under two minutes). "
+                   "Changes only the defaults of flags you do not give: "
+                   "--seeds 2, --trials 9, --max-reports 9; with --task "
+                   "language --trials 6, --max-reports 4, --batch-size 8, "
+                   "--steps-per-report 5, --eval-tokens 2048, --ood-tokens "
+                   "2048, --layers 1, --d-model 32, --heads 2, --context 32, "
+                   "--lookahead 1 (and --full is ignored); with --full "
+                   "(vision) --trials 3, --max-reports 3, --width 4, "
+                   "--blocks 1, --batch-size 16, --steps-per-report 2, "
+                   "--max-train 256. A flag given explicitly always wins.")
+    args = p.parse_args(argv)
+    language = args.task == "language"
+    normal = dict(scheduler=("asha", "pasha")[language],
+                  trials=(64, 12)[language], max_reports=(27, 9)[language],
+                  seeds=(8, 6)[language], batch_size=(128, 32)[language],
+                  steps_per_report=(352, 200 if args.full else 25)[language],
+                  lookahead=2, eval_tokens=16384, ood_tokens=65536,
+                  width=16, blocks=3, max_train=0, **LM_DEFAULTS)
+    quick = {}
+    if args.quick:
+        quick = dict(seeds=2, trials=9, max_reports=9)
+        if language:
+            # a one-step lookahead compiles ~3x faster
+            quick.update(trials=6, max_reports=4, batch_size=8,
+                         steps_per_report=5, eval_tokens=2048,
+                         ood_tokens=2048, layers=1, d_model=32, heads=2,
+                         context=32, lookahead=1)
+            args.full = False
+        elif args.full:
+            quick.update(width=4, blocks=1, batch_size=16,
+                         steps_per_report=2, max_train=256, max_reports=3,
+                         trials=3)
+    fill_defaults(args, normal, quick)
+    check_task_options(p, args)
+    if language:
+        args.metric, args.direction = "perplexity", "minimize"
+        args.floor = 256.0      # before any report: the uniform model
+        args.target = args.target_ppl or (FULL_TARGET_PPL if args.full
+                                          else DEFAULT_TARGET_PPL)
+    else:
+        args.metric, args.direction, args.floor = "accuracy", "maximize", 0.0
+    if args.target is None:
+        args.target = (0.93 if args.full else 0.95 if args.data_dir
+                       else 0.975)
+    if args.workers > 1 and not args.storage:
+        p.error("--workers > 1 needs --storage (a journal file or a URL)")
+    if not 0 <= args.worker_index < args.workers:
+        p.error("--worker-index must be in [0, --workers)")
+    if args.seed + args.seeds - 1 > 2 ** 32 - 1:
+        p.error(f"--seed {args.seed} with --seeds {args.seeds} goes past "
+                "the largest seed, 2**32 - 1")
+    if language and not args.full and args.d_model % args.heads:
+        p.error(f"--d-model ({args.d_model}) must be divisible by --heads "
+                f"({args.heads})")
+    if args.variants is not None:
+        known = variants(argparse.Namespace(**{**vars(args),
+                                               "variants": None}))
+        try:
+            args.variants = name_list(known, "variant")(args.variants)
+        except argparse.ArgumentTypeError as e:
+            p.error(f"argument --variants: {e}")
+    args.seed_list = list(range(args.seed, args.seed + args.seeds))
+    return args
+
+
+def check_task_options(p, args):
+    language = args.task == "language"
+    if args.label_noise and language:
+        p.error("--label-noise is for --task vision; use --token-noise")
+    if args.token_noise and not language:
+        p.error("--token-noise is for --task language; use --label-noise")
+    if args.text and not language:
+        p.error("--text is for --task language")
+    if args.text and args.data_dir:
+        p.error("give --text or --data-dir (WikiText-103), not both")
+    if args.target_ppl is not None and not language:
+        p.error("--target-ppl is for --task language; use --target")
+    if args.target is not None and language:
+        p.error("--target (an accuracy) is for --task vision; use "
+                "--target-ppl")
+
+
+if __name__ == "__main__":
+    parse_args()    # --help and usage errors before JAX loads
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import optuna  # noqa: E402
+from jax import lax  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import gradhpo as gh  # noqa: E402
+from gradhpo.integrations.optuna import OptunaWarmStart  # noqa: E402
+from gradhpo.integrations.pasha import (  # noqa: E402
+    PASHADecision, PASHAPruner, pasha_best_trial)
+from gradhpo.utils import gradients as gr  # noqa: E402
+
+import data_utils  # noqa: E402  (the examples' data loaders)
+import lm  # noqa: E402  (the sibling example: the transformer LM)
+import text_utils  # noqa: E402  (the examples' text corpora)
+
+lm_defaults = lm.SMALL
 KL_GRID = np.linspace(-0.25, 1.25, 512)
 
 
@@ -508,25 +724,6 @@ def resnet_task(args):
 
 
 # -- variants -----------------------------------------------------------------
-
-def variants(args):
-    """``{name: (num_steps, direction, eta)}``; None for the baseline."""
-    out = {"baseline": None, "ohgw1": (1, "hypergradient", args.eta),
-           "ohgw3": (3, "hypergradient", args.eta),
-           "random": (1, "random", args.eta)}
-    if args.eta_sweep:
-        for eta in ETAS:
-            if eta != args.eta:
-                out[f"ohgw1_eta{eta:.0e}"] = (1, "hypergradient", eta)
-    if args.variants:
-        keep = args.variants.split(",")
-        unknown = sorted(set(keep) - set(out))
-        if unknown:
-            raise SystemExit(f"--variants: unknown {unknown}; choose from "
-                             f"{sorted(out)}")
-        out = {k: v for k, v in out.items() if k in keep}
-    return out
-
 
 def make_helpers(task, args):
     helpers = {}
@@ -958,180 +1155,6 @@ def plot(runs, args):
 
 # -- main ---------------------------------------------------------------------
 
-#: --label-noise / --token-noise: a share of the training data, [0, 1).
-noise_share = float_in(0.0, 1.0, high_open=True)
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="See the module docstring (python -c 'import ohgw; "
-               "help(ohgw)') for the metrics and the cost unit.")
-    p.add_argument("--task", choices=("vision", "language"),
-                   default="vision",
-                   help="vision: an MLP / ResNet-20 classifier; language: "
-                   "a decoder-only transformer LM (examples/lm.py)")
-    p.add_argument("--scheduler", choices=("asha", "pasha"),
-                   help="default: asha (vision), pasha (language)")
-    p.add_argument("--sampler", choices=("random", "tpe"), default="random")
-    p.add_argument("--trials", type=positive_int,
-                   help="trials per study (one study per variant and seed; "
-                   "default 64 vision, 12 language)")
-    p.add_argument("--max-reports", type=positive_int,
-                   help="reports (epochs) of a trial that is never pruned "
-                   "(default 27 vision, 9 language)")
-    p.add_argument("--target", type=float_in(0.0, 1.0, low_open=True),
-                   help="vision: target validation accuracy tau, in (0, 1] "
-                   "(default: 0.975 digits, 0.95 MNIST, 0.93 CIFAR-10)")
-    p.add_argument("--target-ppl", type=float_in(1.0),
-                   help="language: target validation perplexity tau "
-                   f"(default {DEFAULT_TARGET_PPL}; --full "
-                   f"{FULL_TARGET_PPL})")
-    p.add_argument("--eta", type=positive_float, default=1e-3,
-                   help="hyper step size eta_h (paper: 1e-3)")
-    p.add_argument("--eta-sweep", action="store_true",
-                   help="add ohgw1 at eta_h in {1e-4, 3e-4, 1e-3, 3e-3}")
-    p.add_argument("--lookahead", type=positive_int,
-                   help="inner steps K of the warm-start lookahead (default "
-                   "2; 1 with --task language --quick)")
-    p.add_argument("--variants",
-                   help="comma-separated subset of the variants to run")
-    p.add_argument("--data-dir",
-                   help="MNIST IDX files (or, with --full, CIFAR-10; with "
-                   "--task language, the WikiText-103 raw files)")
-    p.add_argument("--text",
-                   help="language: a plain-text corpus (split 90/5/5)")
-    p.add_argument("--full", action="store_true",
-                   help="ResNet-20 on CIFAR-10, with augmentation magnitude "
-                   "(language: the GPT-2-small-sized model)")
-    p.add_argument("--label-noise", type=noise_share, default=0.0,
-                   help="vision: replace this share of training labels by "
-                   "a different random class (seeded by --seed), in [0, 1)")
-    p.add_argument("--token-noise", type=noise_share, default=0.0,
-                   help="language: replace this share of training tokens "
-                   "by a different random byte (seeded by --seed), in "
-                   "[0, 1)")
-    p.add_argument("--batch-size", type=positive_int,
-                   help="default 128 (vision), 32 windows (language)")
-    p.add_argument("--layers", type=positive_int, default=lm_defaults.depth,
-                   help="language: transformer blocks")
-    p.add_argument("--d-model", type=positive_int, default=lm_defaults.width,
-                   help="language: model width")
-    p.add_argument("--heads", type=positive_int, default=lm_defaults.heads,
-                   help="language: attention heads")
-    p.add_argument("--context", type=positive_int, default=lm_defaults.context,
-                   help="language: tokens per window")
-    p.add_argument("--eval-tokens", type=nonnegative_int, default=16384,
-                   help="language: validation tokens per report (0: all)")
-    p.add_argument("--ood-tokens", type=nonnegative_int, default=65536,
-                   help="language: out-of-domain tokens (0: all)")
-    p.add_argument("--hidden", type=positive_int, default=64,
-                   help="MLP hidden width")
-    p.add_argument("--max-train", type=nonnegative_int, default=0,
-                   help="at most this many training examples (0: all)")
-    p.add_argument("--width", type=positive_int, default=16,
-                   help="--full: ResNet channels of stage 1 (16)")
-    p.add_argument("--blocks", type=positive_int, default=3,
-                   help="--full: blocks per stage (ResNet-20: 3)")
-    p.add_argument("--steps-per-report", type=positive_int,
-                   help="--full: SGD steps between reports (default 352, "
-                   "~1 epoch); language: AdamW steps (default 25)")
-    p.add_argument("--eval-size", type=nonnegative_int, default=0,
-                   help="--full: validation images per report (0: all)")
-    p.add_argument("--seed", type=seed_int, default=0,
-                   help="first seed (also the data split)")
-    p.add_argument("--seeds", type=positive_int,
-                   help="paired seeds: seed, seed+1, ... (default 8 vision, "
-                   "6 language)")
-    p.add_argument("--storage",
-                   help="Optuna journal file path or database URL")
-    p.add_argument("--study-name", default="ohgw")
-    p.add_argument("--workers", type=positive_int, default=1,
-                   help="processes sharing each study (needs --storage)")
-    p.add_argument("--worker-index", type=nonnegative_int, default=0,
-                   help=argparse.SUPPRESS)
-    p.add_argument("--analyse-only", action="store_true",
-                   help="only read the studies in --storage and report")
-    p.add_argument("--out", default="runs/ohgw",
-                   help="directory for plots and results.json")
-    p.add_argument("--quick", action="store_true",
-                   help="a small run for tests (well under two minutes)")
-    args = p.parse_args(argv)
-    language = args.task == "language"
-    defaults = dict(scheduler=("asha", "pasha"), trials=(64, 12),
-                    max_reports=(27, 9), seeds=(8, 6), batch_size=(128, 32),
-                    steps_per_report=(352, 200 if args.full else 25))
-    if args.lookahead is None:
-        # language --quick: a one-step lookahead compiles ~3x faster
-        args.lookahead = 1 if language and args.quick else 2
-    for name, pair in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, pair[language])
-    check_task_options(p, args)
-    if args.quick:
-        args.seeds = min(args.seeds, 2)
-        args.trials = min(args.trials, 9)
-        args.max_reports = min(args.max_reports, 9)
-        if language:
-            args.trials, args.max_reports = min(args.trials, 6), 4
-            args.batch_size, args.steps_per_report = 8, 5
-            args.eval_tokens, args.ood_tokens = 2048, 2048
-            args.layers, args.d_model, args.heads, args.context = (
-                1, 32, 2, 32)
-            args.full = False
-        elif args.full:
-            args.width, args.blocks, args.batch_size = 4, 1, 16
-            args.steps_per_report, args.max_train = 2, 256
-            args.max_reports, args.trials = 3, 3
-    if language:
-        args.metric, args.direction = "perplexity", "minimize"
-        args.floor = 256.0      # before any report: the uniform model
-        args.target = args.target_ppl or (FULL_TARGET_PPL if args.full
-                                          else DEFAULT_TARGET_PPL)
-    else:
-        args.metric, args.direction, args.floor = "accuracy", "maximize", 0.0
-    if args.target is None:
-        args.target = (0.93 if args.full else 0.95 if args.data_dir
-                       else 0.975)
-    if args.workers > 1 and not args.storage:
-        p.error("--workers > 1 needs --storage (a journal file or a URL)")
-    if not 0 <= args.worker_index < args.workers:
-        p.error("--worker-index must be in [0, --workers)")
-    if args.seed + args.seeds - 1 > 2 ** 32 - 1:
-        p.error(f"--seed {args.seed} with --seeds {args.seeds} goes past "
-                "the largest seed, 2**32 - 1")
-    if language and not args.full and args.d_model % args.heads:
-        p.error(f"--d-model ({args.d_model}) must be divisible by --heads "
-                f"({args.heads})")
-    if args.variants is not None:
-        known = variants(argparse.Namespace(**{**vars(args),
-                                               "variants": None}))
-        try:
-            args.variants = name_list(known, "variant")(args.variants)
-        except argparse.ArgumentTypeError as e:
-            p.error(f"argument --variants: {e}")
-    args.seed_list = list(range(args.seed, args.seed + args.seeds))
-    return args
-
-
-def check_task_options(p, args):
-    language = args.task == "language"
-    if args.label_noise and language:
-        p.error("--label-noise is for --task vision; use --token-noise")
-    if args.token_noise and not language:
-        p.error("--token-noise is for --task language; use --label-noise")
-    if args.text and not language:
-        p.error("--text is for --task language")
-    if args.text and args.data_dir:
-        p.error("give --text or --data-dir (WikiText-103), not both")
-    if args.target_ppl is not None and not language:
-        p.error("--target-ppl is for --task language; use --target")
-    if args.target is not None and language:
-        p.error("--target (an accuracy) is for --task vision; use "
-                "--target-ppl")
-
-
 def spawn_workers(argv, args):
     procs = []
     for i in range(1, args.workers):
@@ -1155,8 +1178,8 @@ def main(argv=None):
     if not args.analyse_only:
         share = (args.trials // args.workers
                  + (args.worker_index < args.trials % args.workers))
-        bar = tqdm(total=share * len(names) * args.seeds, desc="trials",
-                   disable=args.worker_index > 0)
+        bar = progress(total=share * len(names) * args.seeds,
+                       desc="trials", disable=args.worker_index > 0)
         task = (lm_task if args.task == "language" else
                 resnet_task if args.full else mlp_task)(args)
         if args.worker_index == 0:

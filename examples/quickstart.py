@@ -13,18 +13,45 @@ both. Runs in well under a minute on two CPU cores:
 import argparse
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from sklearn.datasets import load_digits
-from tqdm import tqdm
-
-import gradhpo as gh
-
-from common import finite_float, int_in, positive_int, seed_int
+from cli import (fill_defaults, finite_float, int_in, positive_int,
+                 progress, quick_help, seed_int)
 
 N_TRAIN = N_VAL = 400
+#: Defaults of the flags that --quick changes (their parser default is None,
+#: so that a flag given explicitly wins).
+NORMAL = dict(steps=1500)
+QUICK = dict(steps=100)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="It prints its results and writes no files (no --out).")
+    parser.add_argument("--steps", type=positive_int,
+                        help="steps of each of the two runs (default "
+                        f"{NORMAL['steps']})")
+    # batches are drawn without replacement from 400 examples
+    parser.add_argument("--batch-size", default=64,
+                        type=int_in(1, min(N_TRAIN, N_VAL)))
+    parser.add_argument("--init-log-l2", type=finite_float, default=-2.0,
+                        help="initial log penalty of every layer")
+    parser.add_argument("--seed", type=seed_int, default=0)
+    parser.add_argument("--quick", action="store_true",
+                        help=quick_help("a short run (for tests)", NORMAL,
+                                        QUICK))
+    return fill_defaults(parser.parse_args(argv), NORMAL, QUICK)
+
+
+if __name__ == "__main__":
+    parse_args()    # --help and usage errors before JAX loads
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from sklearn.datasets import load_digits  # noqa: E402
+
+import gradhpo as gh  # noqa: E402
 
 
 def load_data(seed, n_train=N_TRAIN, n_val=N_VAL):
@@ -77,24 +104,12 @@ def accuracy(params, batch):
 def run(opt, params, hyperparams, train, val, steps, batch_size, seed, desc):
     state = opt.init(params, hyperparams)
     rng = np.random.default_rng(seed)
-    for _ in tqdm(range(steps), desc=desc, leave=False):
+    for _ in progress(range(steps), desc=desc, leave=False):
         idx = rng.choice(len(train[0]), batch_size, replace=False)
         vidx = rng.choice(len(val[0]), batch_size, replace=False)
         state = opt.step(state, (train[0][idx], train[1][idx]),
                          (val[0][vidx], val[1][vidx]))
     return state
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=positive_int, default=1500)
-    # batches are drawn without replacement from 400 examples
-    parser.add_argument("--batch-size", default=64,
-                        type=int_in(1, min(N_TRAIN, N_VAL)))
-    parser.add_argument("--init-log-l2", type=finite_float, default=-2.0,
-                        help="initial log penalty of every layer")
-    parser.add_argument("--seed", type=seed_int, default=0)
-    return parser.parse_args(argv)
 
 
 def main(argv=None):

@@ -52,6 +52,14 @@ N)`` tokens, chosen without replacement, each by a uniformly drawn
 *different* token.
 """
 
+if __name__ == "__main__":      # answer before importing JAX
+    import cli
+    cli.support_module_main(
+        __doc__,
+        "text_utils.py is a support module: the text corpora of "
+        "python examples/ohgw.py --task language; it has nothing to "
+        "run. See python examples/ohgw.py --help.")
+
 import importlib
 import inspect
 import logging

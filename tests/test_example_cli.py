@@ -4,6 +4,7 @@ ones keep their defaults, and mnist.py's checkpoints are one atomic unit
 that a resume with other settings refuses."""
 
 import importlib
+import io
 import json
 import os
 import pathlib
@@ -316,3 +317,133 @@ def test_mnist_resume_is_not_blocked_by_an_older_partial_checkpoint(
     out = capsys.readouterr().out
     assert "not resuming from" in out and "T1-T2 starts over" in out
     assert (ckpt / "T1-T2.step-00000004" / "run.json").exists()
+
+
+# -- fast --help, --quick defaults, progress bars ----------------------------
+
+#: Every script in examples/ (the examples and their support modules).
+SCRIPTS = sorted(p.stem for p in (ROOT / "examples").glob("*.py"))
+HEAVY = ("jax", "jaxlib", "optax", "flax", "gradhpo", "optuna", "tqdm")
+
+
+def _imported(importtime_log):
+    """Top-level module names in a ``python -X importtime`` log."""
+    names = set()
+    for line in importtime_log.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            names.add(line.rsplit("|", 1)[1].strip().split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help_answers_before_importing_jax(name):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime",
+         str(ROOT / "examples" / f"{name}.py"), "--help"],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("usage:"), proc.stdout
+    imported = _imported(proc.stderr)
+    assert "argparse" in imported          # the log is read correctly
+    assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
+
+
+def test_usage_error_answers_before_importing_jax():
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime",
+         str(ROOT / "examples" / "ohgw.py"), "--trials", "0"],
+        capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "argument --trials: must be a positive integer" in proc.stderr
+    assert "jax" not in _imported(proc.stderr)
+
+
+def test_support_modules_explain_themselves_without_flags():
+    for name in ("common", "lm", "data_utils", "text_utils"):
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "examples" / f"{name}.py")],
+            capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert "support module" in proc.stdout
+
+
+# (example, argv, {attribute: value}): an explicit flag wins over --quick,
+# the flags not given still get the --quick defaults.
+QUICK = [
+    ("mnist", ["--quick", "--steps", "100"],
+     {"steps": 100, "eval_every": 8, "random_trials": 2, "max_train": 300}),
+    ("mnist", ["--quick", "--eval-every", "50", "--random-trials", "6",
+               "--max-train", "0"],
+     {"steps": 48, "eval_every": 50, "random_trials": 6, "max_train": 0}),
+    ("lr_tuning", ["--quick", "--steps", "40", "--horizon", "10",
+                   "--grid", "0.1"],
+     {"steps": 40, "horizon": 10, "grid": "0.1", "eval_every": 20}),
+    ("hyper_cleaning", ["--quick", "--steps", "50"],
+     {"steps": 50, "max_train": 500}),
+    ("augmentation", ["--quick", "--steps", "7", "--hidden", "8"],
+     {"steps": 7, "hidden": 8, "eval_every": 10, "max_train": 300}),
+    ("cifar10", ["--quick", "--steps", "9", "--outer-lr", "0.01"],
+     {"steps": 9, "outer_lr": 0.01, "width": 4, "eval_size": 0}),
+    ("quickstart", ["--quick", "--steps", "30"], {"steps": 30}),
+    ("quickstart", ["--quick"], {"steps": 100}),
+    ("ohgw", ["--quick", "--trials", "20", "--seeds", "3"],
+     {"trials": 20, "seeds": 3, "max_reports": 9}),
+    ("ohgw", ["--task", "language", "--quick", "--heads", "4",
+              "--d-model", "64", "--eval-tokens", "0"],
+     {"heads": 4, "d_model": 64, "eval_tokens": 0, "layers": 1,
+      "lookahead": 1, "batch_size": 8}),
+]
+
+
+@pytest.mark.parametrize("name,argv,expected", QUICK,
+                         ids=[f"{n}:{' '.join(a)}" for n, a, _ in QUICK])
+def test_quick_changes_only_the_flags_not_given(name, argv, expected):
+    args = _example(name).parse_args(argv)
+    assert {k: getattr(args, k) for k in expected} == expected
+
+
+def test_defaults_without_quick_are_unchanged():
+    assert _example("lr_tuning").parse_args([]).horizon == 10
+    assert _example("cifar10").parse_args([]).outer_lr == 0.01
+    ohgw = _example("ohgw")
+    lang = ohgw.parse_args(["--task", "language"])
+    assert (lang.eval_tokens, lang.ood_tokens, lang.width) == \
+        (16384, 65536, 16)
+
+
+def test_ohgw_language_defaults_are_lm_small():
+    ohgw = _example("ohgw")
+    small = importlib.import_module("lm").SMALL
+    args = ohgw.parse_args(["--task", "language"])
+    assert (args.layers, args.d_model, args.heads, args.context) == \
+        (small.depth, small.width, small.heads, small.context)
+
+
+def test_common_keeps_the_argparse_type_names():
+    pytest.importorskip("sklearn")
+    common, cli = _example("common"), importlib.import_module("cli")
+    for name in ("int_in", "float_in", "positive_int", "seed_int",
+                 "fraction", "name_list", "number_list", "open_fraction"):
+        assert getattr(common, name) is getattr(cli, name)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bars_are_off_when_stderr_is_not_a_terminal(monkeypatch):
+    cli = importlib.import_module("cli")
+    log = io.StringIO()
+    bar = cli.progress(range(3), file=log)
+    assert bar.disable and list(bar) == [0, 1, 2]
+    assert log.getvalue() == ""
+    monkeypatch.setattr(sys, "stderr", io.StringIO())   # CI, a pipe
+    assert cli.progress(range(3)).disable
+    terminal = _Terminal()
+    bar = cli.progress(range(3), file=terminal, mininterval=0)
+    assert not bar.disable and list(bar) == [0, 1, 2]
+    bar.close()
+    assert "3/3" in terminal.getvalue()
+    assert cli.progress(range(3), file=terminal, disable=True).disable

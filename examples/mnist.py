@@ -12,11 +12,16 @@ files, as ``../shared/data/mnist`` does, they are split into train /
 validation / test and the output says so).
 
 Cost accounting, in gradient evaluations G (one forward and backward pass of
-a loss on one batch): a plain SGD step is 1 G; a T1–T2 or HyperDistill step
-is 3 G (training gradient, validation gradient, one second-order
-vector-Jacobian product counted as 1 G); a Greedy call of horizon H is 3H G.
-Random search trains each sampled configuration with plain SGD (1 G a step)
-and spends the same total budget over ``--random-trials`` configurations.
+the training loss on one training batch), as gradhpo itself counts them
+(``state.metadata["grad_evals"]``, documented in ``gradhpo.utils.cost``):
+a plain SGD step is 1 G; a T1–T2 step is 4 G here (the training gradient,
+the validation gradient on a batch of the same size, and a second-order
+product counted as 2 G), a Greedy step 4 G per inner step, a HyperDistill
+step 5 G. Random search trains each sampled configuration with plain SGD
+(1 G a step) and is given the largest budget any tuned method spent, over
+``--random-trials`` configurations; the validation pass that picks the
+best configuration is charged too (a forward pass counted as a third of
+a gradient evaluation per batch).
 
 Examples::
 
@@ -114,7 +119,7 @@ import gradhpo as gh  # noqa: E402
 from common import (  # noqa: E402
     batch_indices, cross_entropy, evaluate, init_mlp, load_flat_splits, take)
 
-COST_PER_STEP = {"T1-T2": 3, "Greedy": 3, "HyperDistill": 3}
+TUNED = ("T1-T2", "Greedy", "HyperDistill")
 
 
 # -- data and model -----------------------------------------------------------
@@ -187,8 +192,8 @@ def run_hpo(name, opt, init_state, train, val, args, calls, per_call,
                              args.batch_size, stacked)
         state = opt.step(state, take(train, tidx), take(val, vidx))
         if (call + 1) % args.eval_every == 0 or call + 1 == calls:
-            curve.append(_record(state, val, (call + 1) * per_call
-                                 * COST_PER_STEP[name]))
+            curve.append(_record(state, val,
+                                 state.metadata["grad_evals"]))
         if args.checkpoint_dir and ((call + 1) % args.checkpoint_every == 0
                                     or call + 1 == calls):
             save_checkpoint(args.checkpoint_dir, name, state, curve, config)
@@ -380,7 +385,8 @@ def load_checkpoint(found, like):
 
 def _record(state, val, grad_evals):
     loss, _ = evaluate(state.params, val)
-    return {"grad_evals": int(grad_evals), "val_loss": float(loss),
+    return {"grad_evals": round(float(grad_evals), 3),
+            "val_loss": float(loss),
             "log_l2": [float(jnp.mean(r))
                        for r in state.hyperparams["log_l2"]],
             "log_lr": float(state.hyperparams["log_lr"])}
@@ -412,21 +418,23 @@ def train_fixed(params, hp, train, args, steps):
 def random_search(params, train, val, args, budget):
     """Plain SGD on sampled configurations; the best by validation loss."""
     rng = np.random.default_rng(args.seed + 1)
-    steps = max(1, budget // args.random_trials)
-    best, curve, spent = None, [], 0
+    # the validation pass that ranks a trial: a forward pass per batch
+    select = len(val[0]) / (3 * args.batch_size)
+    steps = max(1, int(budget / args.random_trials - select))
+    best, curve, spent = None, [], 0.0
     for _ in progress(range(args.random_trials), desc="random search",
                       leave=False):
         hp = initial_hyperparams(
             params, args, log_l2=rng.uniform(-10.0, 0.0),
             log_lr=rng.uniform(np.log(1e-3), np.log(0.5)))
         p = train_fixed(params, hp, train, args, steps)
-        spent += steps
+        spent += steps + select
         loss = float(evaluate(p, val)[0])
         if not np.isfinite(loss):
             loss = float("inf")
         if best is None or loss < best[0]:
             best = (loss, p, hp)
-        curve.append({"grad_evals": spent, "val_loss": best[0],
+        curve.append({"grad_evals": round(spent, 3), "val_loss": best[0],
                       "log_l2": [float(jnp.mean(r)) for r in hp["log_l2"]],
                       "log_lr": float(hp["log_lr"])})
     return best, curve
@@ -452,7 +460,7 @@ def main(argv=None):
     methods = args.methods.split(",")
     resume = {}
     if args.resume:   # before any work: refuse a mismatched checkpoint now
-        for name in COST_PER_STEP:
+        for name in TUNED:
             found = (find_checkpoint(args.checkpoint_dir, name)
                      if name in methods else None)
             if found is not None:
@@ -486,7 +494,7 @@ def main(argv=None):
         vloss, _ = evaluate(state.params, val)
         _, acc = evaluate(state.params, test)
         rows.append((name, float(vloss), float(acc),
-                     calls * per_call * COST_PER_STEP[name], seconds,
+                     float(state.metadata["grad_evals"]), seconds,
                      summarize_hp(state.hyperparams)))
         curves[name] = curve
     if "untuned" in methods:
@@ -497,7 +505,9 @@ def main(argv=None):
                      args.steps, time.perf_counter() - start,
                      summarize_hp(hp)))
     if "random" in methods:
-        budget = args.steps * 3
+        # the largest budget a tuned method spent, by the library's count
+        spent = [r[3] for r in rows if r[0] in TUNED]
+        budget = max(spent) if spent else 4 * args.steps
         start = time.perf_counter()
         (loss, p, best_hp), curve = random_search(params, train, val, args,
                                                   budget)
@@ -519,7 +529,7 @@ def print_table(rows):
     print(f"{'method':<14} {'val loss':>9} {'test acc':>9} {'grad evals':>11}"
           f" {'time [s]':>9}  final hyperparameters")
     for name, vloss, acc, evals, seconds, hp in rows:
-        print(f"{name:<14} {vloss:>9.4f} {acc:>9.3f} {evals:>11d} "
+        print(f"{name:<14} {vloss:>9.4f} {acc:>9.3f} {evals:>11.0f} "
               f"{seconds:>9.1f}  {hp}")
 
 

@@ -28,12 +28,27 @@ script compares, on the same data order and noise draws:
 
 - no augmentation (``m = 0``);
 - a fixed grid of magnitudes ``m_shift = m_noise = g`` for ``g`` in
-  ``--grid``, the best chosen by validation loss, with the same total budget
-  of gradient evaluations as T1–T2 (a T1–T2 step costs 3 gradient
-  evaluations, a plain step 1, so a grid of 3 values trains each for as many
-  steps as T1–T2 takes);
+  ``--grid``, the best chosen by validation loss, given all together the
+  largest budget any tuned method spent (see the accounting below);
 - T1–T2 and HyperDistill (``--methods``) tuning ``m`` online from
   ``--init-magnitude``.
+
+Cost accounting, in gradient evaluations G (one forward and backward pass of
+the training loss on one training batch), as gradhpo itself counts them
+(``state.metadata["grad_evals"]``, documented in ``gradhpo.utils.cost``):
+a plain SGD step is 1 G; a T1–T2 step is 4 G here (the training gradient,
+the validation gradient on a batch of the same size, and a second-order
+product counted as 2 G); a HyperDistill step 5 G (one more training
+gradient, at the distilled point; its decay factor is not re-estimated
+here). The "no augmentation" row takes as many plain steps as a tuned run
+and is charged their true cost, 1 G each. The grid is given the largest budget
+:math:`B` a tuned method spent: each of its :math:`K` values trains for
+:math:`\lfloor B/K - s\rfloor` plain steps (1 G each) and is charged
+:math:`s` more for the validation pass that ranks it, a forward pass over
+the :math:`n_v` validation images counted as a third of a gradient
+evaluation per training batch, :math:`s = n_v / (3\,\mathrm{batch})`.
+A grid row shows what that value cost; "grid (total)" the sum, at most
+:math:`B`.
 
 Data: scikit-learn's bundled digits (8×8, no download) by default;
 ``--data-dir`` reads MNIST IDX files through
@@ -56,7 +71,7 @@ from cli import (fill_defaults, float_in, fraction, name_list,
                  positive_float, positive_int, progress, quick_help,
                  seed_int)
 
-COST_PER_STEP = {"T1-T2": 3, "HyperDistill": 3}
+METHODS = ("T1-T2", "HyperDistill")
 NAMES = ("shift", "noise")
 
 
@@ -95,7 +110,7 @@ def parse_args(argv=None):
                    help="fixed magnitudes m_shift = m_noise to compare, "
                    "in (0, 1]")
     p.add_argument("--methods", default="T1-T2,HyperDistill",
-                   type=name_list(COST_PER_STEP),
+                   type=name_list(METHODS),
                    help="comma-separated tuned methods: T1-T2, HyperDistill")
     p.add_argument("--gamma", type=fraction, default=0.9,
                    help="HyperDistill discount, in [0, 1]")
@@ -307,7 +322,7 @@ def run_tuned(name, opt, params, hp, data, args):
             m = np.asarray(magnitudes(state.hyperparams))
             loss = float(evaluate(state.params, *val)[0])
             curve.append({"step": step + 1, "val_loss": loss,
-                          "grad_evals": (step + 1) * COST_PER_STEP[name],
+                          "grad_evals": float(state.metadata["grad_evals"]),
                           "shift": float(m[0]), "noise": float(m[1])})
             bar.set_postfix(shift=f"{m[0]:.2f}", noise=f"{m[1]:.2f}")
     return state, curve
@@ -325,7 +340,8 @@ def make_plain_step(train_loss, inner):
 
 
 def run_fixed(name, step_fn, inner, params, magnitude, data, args, steps):
-    """Plain SGD with the magnitudes held at ``magnitude`` (0: none)."""
+    """Plain SGD with the magnitudes held at ``magnitude`` (0: none); the
+    curve counts 1 G per step."""
     train, val, _ = data
     if magnitude == 0.0:  # exactly zero, not sigmoid of a large negative
         hp = {"logit": jnp.full((2,), -jnp.inf, jnp.float32)}
@@ -337,7 +353,7 @@ def run_fixed(name, step_fn, inner, params, magnitude, data, args, steps):
         params, opt_state = step_fn(params, opt_state, hp,
                                     train_batch(train, args, step))
         if (step + 1) % args.eval_every == 0 or step + 1 == steps:
-            curve.append({"step": step + 1, "grad_evals": step + 1,
+            curve.append({"step": step + 1, "grad_evals": float(step + 1),
                           "val_loss": float(evaluate(params, *val)[0])})
     return params, curve
 
@@ -361,7 +377,7 @@ def main(argv=None):
         vloss, _ = evaluate(p, *val)
         _, acc = evaluate(p, *test)
         rows.append({"method": name, "val_loss": float(vloss),
-                     "test_acc": float(acc), "grad_evals": int(evals),
+                     "test_acc": float(acc), "grad_evals": float(evals),
                      "seconds": seconds, "shift": float(m[0]),
                      "noise": float(m[1]), "note": note})
 
@@ -373,9 +389,11 @@ def main(argv=None):
         start = time.perf_counter()
         state, curves[name] = run_tuned(name, opt, params, hp0, data, args)
         add_row(f"{name} tuned", state.params,
-                args.steps * COST_PER_STEP[name], time.perf_counter() - start,
+                state.metadata["grad_evals"], time.perf_counter() - start,
                 np.asarray(magnitudes(state.hyperparams)))
 
+    # the largest budget a tuned method spent, by the library's count
+    budget = max(r["grad_evals"] for r in rows)
     step_fn = make_plain_step(train_loss, inner)
     start = time.perf_counter()
     p, curves["no augmentation"] = run_fixed(
@@ -383,26 +401,32 @@ def main(argv=None):
         args.steps)
     add_row("no augmentation", p, args.steps, time.perf_counter() - start,
             (0.0, 0.0))
-    # The grid shares the budget of one tuned run: 3 gradient evaluations per
-    # tuned step, split evenly over the grid values.
-    budget = args.steps * max(
-        [COST_PER_STEP[m] for m in args.method_list] or [3])
-    grid_steps = max(1, budget // len(args.grid_values))
+    # The grid shares the largest budget a tuned method spent, by the
+    # library's count, split evenly over the grid values; each value pays
+    # for its plain steps (1 G each) and the validation pass that ranks it.
+    select = len(val[1]) / (3 * args.batch_size)
+    grid_steps = max(1, int(budget / len(args.grid_values) - select))
     grid_rows = []
     for g in args.grid_values:
         name = f"fixed m={g:g}"
         start = time.perf_counter()
         p, curves[name] = run_fixed(name, step_fn, inner, params, g, data,
                                     args, grid_steps)
-        add_row(name, p, grid_steps, time.perf_counter() - start, (g, g))
+        add_row(name, p, grid_steps + select, time.perf_counter() - start,
+                (g, g))
         grid_rows.append(rows[-1])
     best = min(grid_rows, key=lambda r: r["val_loss"])
     best["note"] = "best of grid"
     grid_total = {"method": "grid (total)", "grad_evals": sum(
         r["grad_evals"] for r in grid_rows), "seconds": sum(
-        r["seconds"] for r in grid_rows)}
+        r["seconds"] for r in grid_rows), "budget": float(budget)}
 
     print_table(rows, grid_total)
+    print(f"grad evals: tuned rows as counted by gradhpo; no augmentation "
+          f"1 G per plain step; each grid value {grid_steps} plain steps "
+          f"+ {select:.2f} G for its validation pass (a forward pass over "
+          f"{len(val[1])} images), sharing the budget "
+          f"{budget:.0f} G of the costliest tuned run")
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"args": {k: v for k, v in vars(args).items()},
                    "initial_magnitude": args.init_magnitude,
@@ -417,10 +441,10 @@ def print_table(rows, grid_total):
           f" {'time [s]':>9} {'m_shift':>8} {'m_noise':>8}")
     for r in rows:
         print(f"{r['method']:<18} {r['val_loss']:>9.4f} {r['test_acc']:>9.3f}"
-              f" {r['grad_evals']:>11d} {r['seconds']:>9.1f}"
+              f" {r['grad_evals']:>11.0f} {r['seconds']:>9.1f}"
               f" {r['shift']:>8.3f} {r['noise']:>8.3f}  {r['note']}")
     print(f"{grid_total['method']:<18} {'':>9} {'':>9} "
-          f"{grid_total['grad_evals']:>11d} {grid_total['seconds']:>9.1f}")
+          f"{grid_total['grad_evals']:>11.0f} {grid_total['seconds']:>9.1f}")
 
 
 def plot(curves, args):

@@ -10,12 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import gradhpo as gh
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
+import common  # noqa: E402
 import hyper_cleaning  # noqa: E402
 import lr_tuning  # noqa: E402
 
@@ -35,12 +37,28 @@ def test_lr_tuning_quick_run(tmp_path):
     assert all(math.isfinite(r["val_loss"]) and 0 <= r["test_acc"] <= 1
                for r in result["rows"])
     by_name = {r["method"]: r for r in result["rows"]}
-    steps = result["args"]["steps"]
-    # cost accounting: 3 G per tuned inner step; the grid shares that budget
-    for name in ["T1-T2", "T1-T2 (inject)", "Greedy H=5"]:
-        assert by_name[name]["grad_evals"] == 3 * steps
-    assert by_name["fixed lr=0.3"]["grad_evals"] == 3 * steps // 2
-    assert by_name[names[-1]]["grad_evals"] == 3 * steps
+    args = result["args"]
+    steps, batch = args["steps"], args["batch_size"]
+    # cost accounting (gradhpo.utils.cost): a tuned inner step is the
+    # training gradient (1 G), a validation gradient on a batch of the
+    # same size (1 G) and a second-order product (2 G): 4 G
+    for name in ["T1-T2", "T1-T2 (inject)", "Greedy H=5", "Greedy H=5 g=0"]:
+        assert by_name[name]["grad_evals"] == pytest.approx(4 * steps)
+    # the grid of two rates shares that budget: plain steps at 1 G, and a
+    # validation forward pass (a third of a gradient per batch) per rate
+    _, val, _ = common.load_flat_splits(None, args["seed"],
+                                        args["max_train"])
+    select = len(val[0]) / (3 * batch)
+    grid_steps = int(4 * steps / 2 - select)
+    for name in ["fixed lr=0.03", "fixed lr=0.3"]:
+        assert by_name[name]["grad_evals"] == pytest.approx(
+            grid_steps + select)
+    assert by_name[names[-1]]["grad_evals"] == pytest.approx(
+        2 * (grid_steps + select))
+    assert by_name[names[-1]]["grad_evals"] <= 4 * steps
+    # the curves are on the same axis: a tuned run ends at its budget
+    assert result["curves"]["T1-T2"][-1][0] == pytest.approx(4 * steps)
+    assert result["curves"]["fixed lr=0.3"][-1][0] == grid_steps
 
     sched = result["schedules"]
     assert all(len(s["lr"]) == steps for s in sched.values())
@@ -126,15 +144,25 @@ def test_hyper_cleaning_quick_run(tmp_path):
     assert result["n_corrupted"] == len(result["corrupted"]) == 150
     assert len(set(result["corrupted"])) == 150
     steps = result["args"]["steps"]
+    # --val-batch-size 0: every validation gradient is on the whole
+    # validation set, n_val / batch gradient evaluations, besides the
+    # training gradient (1 G) and a second-order product (2 G) per step
+    args = hyper_cleaning.parse_args(["--quick", "--out", str(tmp_path)])
+    assert args.val_batch_size == 0
+    _, val, _, _ = hyper_cleaning.load(args)
+    per_step = 1 + 2 + len(val[1]) / args.batch_size
+    assert per_step > 5                  # 359 validation digits / 128
     for name in ["T1-T2", "Greedy H=5"]:
         row = by_name[name]
-        assert row["grad_evals"] == 3 * steps
+        assert row["grad_evals"] == pytest.approx(per_step * steps)
         # the learned weights separate clean from corrupted examples
         assert row["auc"] > 0.8
         assert row["mean_w_clean"] > row["mean_w_corrupted"] + 0.3
         # cleaning helps over training on the corrupted data as it is
         assert row["test_acc"] > by_name["uniform weights"]["test_acc"]
+    # plain steps at their true cost, 1 G each
     assert by_name["uniform weights"]["grad_evals"] == steps
+    assert by_name["oracle (clean only)"]["grad_evals"] == steps
 
 
 def test_hyper_cleaning_corrupts_the_loaded_training_labels():

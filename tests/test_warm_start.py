@@ -386,6 +386,8 @@ def test_nan_validation_batch_leaves_psi_unchanged(x64):
     assert np.all(np.asarray(flat(good.algorithm_state.delta)) > 0)
 
 
+# log_lr is deliberately unread here (a plain optax.sgd inner optimizer)
+@pytest.mark.filterwarnings("ignore:.*is read by neither")
 def test_no_retrace_over_ten_calls():
     traces = []
 

@@ -12,7 +12,7 @@ import scipy.optimize
 from jax.flatten_util import ravel_pytree
 
 import gradhpo as gh
-from gradhpo.algorithms.implicit import _curvature_products, linear_solve
+from gradhpo.algorithms.implicit import linear_solve
 from gradhpo.utils import gradients as gr
 
 import problems as pb
@@ -159,7 +159,7 @@ def test_curvature_products_equal_the_shared_helpers(x64, key):
         lambda w: jax.random.normal(k3, w.shape, w.dtype), params)
     args = (pb.mlp_train_loss, params, hp, batch, direction)
     joint, hvp, mixed = (jax.jit(f, static_argnums=0)(*args) for f in (
-        _curvature_products, gr.hvp, gr.mixed_product))
+        gr.curvature_products, gr.hvp, gr.mixed_product))
     chex.assert_trees_all_close(joint, (hvp, mixed), rtol=1e-12,
                                 atol=1e-14)
 

@@ -27,12 +27,13 @@ step per hyperparameter coordinate and the memory one copy of
 momentum, a handful of regularisation strengths).
 """
 
-from typing import Any, List, NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 
 from gradhpo.core.base import BilevelOptimizer, compiled
 from gradhpo.core.state import BilevelState
@@ -79,17 +80,6 @@ class ForwardModeState(NamedTuple):
     opt_state_tangents: PyTree
 
 
-def _layout(lam_f: PyTree) -> List[Tuple[int, int, tuple, Any]]:
-    """``(offset, size, shape, dtype)`` of each floating leaf, in order."""
-    out, offset = [], 0
-    for leaf in jax.tree.leaves(lam_f):
-        shape = tuple(np.shape(leaf))
-        size = int(np.prod(shape, dtype=np.int64))
-        out.append((offset, size, shape, jnp.result_type(leaf)))
-        offset += size
-    return out
-
-
 def num_coordinates(hyperparams: PyTree) -> int:
     """The number :math:`d` of floating hyperparameter coordinates (the
     columns of the tangents); integer leaves do not count.
@@ -100,34 +90,29 @@ def num_coordinates(hyperparams: PyTree) -> int:
       >>> num_coordinates({"l2": jnp.zeros(3), "lr": 0.1, "depth": 4})
       4
     """
-    return sum(size for _, size, _, _ in _layout(
-        tu.partition_float(hyperparams)[0]))
+    return tu.size(tu.partition_float(hyperparams)[0])
 
 
 def _basis_column(lam_f: PyTree, j: jax.Array) -> PyTree:
     r""":math:`e_j` shaped like the floating hyperparameters (``None`` for
-    integer leaves)."""
-    cols = [(jnp.arange(offset, offset + size) == j).astype(dtype).reshape(
-        shape) for (offset, size, shape, dtype) in _layout(lam_f)]
-    return jax.tree.unflatten(jax.tree.structure(lam_f), cols)
+    integer leaves), in :func:`jax.flatten_util.ravel_pytree` order."""
+    flat, unravel = ravel_pytree(lam_f)
+    return unravel((jnp.arange(flat.size) == j).astype(flat.dtype))
 
 
 def _flatten_floats(tree: PyTree, lam_f: PyTree) -> jax.Array:
-    """The floating leaves of ``tree`` (shaped like ``lam_f`` there)
-    concatenated into one vector of length :math:`d`."""
+    """The floating leaves of ``tree`` (where ``lam_f`` has them) as one
+    vector of length :math:`d`."""
     floats = jax.tree.map(lambda a, b: None if b is None else a, tree,
                           lam_f, is_leaf=lambda x: x is None)
-    return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(floats)])
+    return ravel_pytree(floats)[0]
 
 
 def _unflatten(vector: jax.Array, hyperparams: PyTree) -> PyTree:
     """A vector of length :math:`d` as a tree shaped like ``hyperparams``
     (zeros for integer leaves, each leaf in its own dtype)."""
-    lam_f, _ = tu.partition_float(hyperparams)
-    treedef = jax.tree.structure(lam_f)
-    leaves = [vector[offset:offset + size].reshape(shape).astype(dtype)
-              for offset, size, shape, dtype in _layout(lam_f)]
-    return tu.fill_none(jax.tree.unflatten(treedef, leaves), hyperparams)
+    flat, unravel = ravel_pytree(tu.partition_float(hyperparams)[0])
+    return tu.fill_none(unravel(vector.astype(flat.dtype)), hyperparams)
 
 
 def _float_part(tangent: PyTree, primal: PyTree) -> PyTree:

@@ -31,7 +31,7 @@ gradients (Pedregosa 2016), exact after :math:`\dim w` iterations when
 forward-over-reverse; no matrix is ever formed.
 """
 
-from typing import Callable, NamedTuple, Optional, Tuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -111,25 +111,6 @@ def linear_solve(matvec: Callable[[PyTree], PyTree], vector: PyTree, *,
         return tu.axpy(alpha, r, x), tu.axpy(-alpha, matvec(r), r)
     x, r = lax.fori_loop(0, terms - 1, body, (x, r))
     return tu.axpy(alpha, r, x)
-
-
-def _curvature_products(train_loss: LossFn, params: PyTree,
-                        hyperparams: PyTree, batch: DataBatch,
-                        vector: PyTree) -> Tuple[PyTree, PyTree]:
-    r""":math:`(H x, M^\top x)` from one forward-over-reverse product.
-
-    Both are the derivative along :math:`x` (in :math:`w`) of the gradient
-    :math:`(\nabla_w L_{tr}, \nabla_\lambda L_{tr})`, so one JVP of the
-    joint gradient gives both, for about the cost of one of
-    :func:`gradhpo.utils.gradients.hvp` and
-    :func:`gradhpo.utils.gradients.mixed_product` (whose values it equals).
-    """
-    lam_f, lam_rest = tu.partition_float(hyperparams)
-    grads = jax.grad(
-        lambda w, lam: train_loss(w, tu.combine(lam, lam_rest), batch),
-        argnums=(0, 1))
-    _, (h_x, m_x) = jax.jvp(lambda w: grads(w, lam_f), (params,), (vector,))
-    return h_x, tu.fill_none(m_x, hyperparams)
 
 
 class _Hyper(NamedTuple):
@@ -362,8 +343,8 @@ class Implicit(BilevelOptimizer):
                          neumann_scale=self.neumann_scale,
                          init=state.algorithm_state.solution)
         x = jax.tree.map(lambda a, b: a.astype(b.dtype), x, params)
-        h_x, m_x = _curvature_products(self.train_loss, params, lam,
-                                       train_batch, x)
+        h_x, m_x = gr.curvature_products(self.train_loss, params, lam,
+                                         train_batch, x)
         # (H + delta I) x - v
         r = jax.tree.map(lambda hx, xi, vi: hx + self.damping * xi - vi,
                          h_x, x, v)

@@ -12,13 +12,16 @@ VERSION = re.search(r'__version__ = "([^"]+)"',
 CORE = ["jax>=0.4.30", "optax>=0.2.3", "chex>=0.1.86", "numpy>=1.24"]
 EXTRAS = {
     "examples": ["scikit-learn>=1.3", "matplotlib>=3.7", "tqdm>=4.60",
-                 "flax>=0.8", "scipy>=1.10"],
+                 "flax>=0.8", "scipy>=1.10", "equinox>=0.11"],
     "optuna": ["optuna>=3.5", "scipy>=1.10"],
     "test": ["pytest>=7.4", "pytest-cov>=4.1", "flake8>=6.0",
              "hypothesis>=6.80", "scikit-learn>=1.3", "matplotlib>=3.7",
              "tqdm>=4.60", "flax>=0.8", "optuna>=3.5", "scipy>=1.10",
-             "sphinx>=7.0", "sphinx_rtd_theme>=2.0"],
-    "docs": ["sphinx>=7.0", "sphinx_rtd_theme>=2.0"],
+             "equinox>=0.11",
+             "sphinx>=7.0", "sphinx_rtd_theme>=2.0",
+             "sphinx-mathjax-offline>=0.0.2"],
+    "docs": ["sphinx>=7.0", "sphinx_rtd_theme>=2.0",
+             "sphinx-mathjax-offline>=0.0.2", "equinox>=0.11"],
 }
 EXTRAS["dev"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
 

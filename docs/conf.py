@@ -5,9 +5,13 @@ Build (warnings are errors)::
     sphinx-build -W --keep-going -b html docs docs/_build/html
     sphinx-build -W -b doctest docs docs/_build/doctest
 
-No network access is needed at build time (no intersphinx). Three pages are
-filled in at build time by ``docs/_ext/gradhpo_docs.py``: the API reference
-(from ``gradhpo.__all__``), the benchmark tables (from
+No network access is needed, neither to build (no intersphinx) nor to read
+the result: the ``sphinx-mathjax-offline`` package copies MathJax into
+``_static/mathjax/`` of the build and points the pages at that copy, so the
+math is typeset from ``file://`` or an offline mirror too (checked in a
+headless browser with the network blocked by ``tests/test_docs_browser.py``).
+Three pages are filled in at build time by ``docs/_ext/gradhpo_docs.py``: the
+API reference (from ``gradhpo.__all__``), the benchmark tables (from
 ``benchmarks/results/*.json``) and the changelog (from ``CHANGELOG.md``).
 """
 
@@ -32,6 +36,9 @@ extensions = [
     "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    # After sphinx.ext.mathjax: sets ``mathjax_path`` to the bundled MathJax
+    # (no CDN) and copies it into the build once the build has succeeded.
+    "sphinx-mathjax-offline",
     "sphinx.ext.doctest",
     "sphinx.ext.viewcode",
     "gradhpo_docs",

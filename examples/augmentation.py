@@ -62,14 +62,14 @@ Examples::
 """
 
 import argparse
-import json
 import os
 import time
 
-from cli import (fill_defaults, float_in, fraction, name_list,
+from cli import (add_common_flags, dataset_name, fill_defaults, float_in,
+                 fraction, legend_below, method_colours, name_list,
                  nonnegative_float, nonnegative_int, number_list,
-                 positive_float, positive_int, progress, quick_help,
-                 seed_int)
+                 positive_float, positive_int, progress, pyplot, quick_help,
+                 saved_line, verdict, write_json)
 
 METHODS = ("T1-T2", "HyperDistill")
 NAMES = ("shift", "noise")
@@ -119,12 +119,9 @@ def parse_args(argv=None):
                    "default 0)")
     p.add_argument("--eval-every", type=positive_int,
                    help=f"default {NORMAL['eval_every']}")
-    p.add_argument("--seed", type=seed_int, default=0)
-    p.add_argument("--out", default="runs/augmentation",
-                   help="directory for plots and results.json")
-    p.add_argument("--quick", action="store_true",
-                   help=quick_help("a few steps on a small subset (for "
-                                   "tests)", NORMAL, QUICK))
+    add_common_flags(p, out="runs/augmentation",
+                     quick=quick_help("a few steps on a small subset (for "
+                                      "tests)", NORMAL, QUICK))
     args = fill_defaults(p.parse_args(argv), NORMAL, QUICK)
     # both checked by their types: magnitudes in (0, 1], known methods
     args.grid_values = [float(g) for g in args.grid.split(",")]
@@ -313,7 +310,10 @@ def run_tuned(name, opt, params, hp, data, args):
                          key=jax.random.PRNGKey(args.seed))
     else:
         state = opt.init(params, hp)
-    curve = []
+    m = np.asarray(magnitudes(hp))
+    curve = [{"step": 0, "val_loss": float(evaluate(params, *val)[0]),
+              "grad_evals": 0.0, "shift": float(m[0]),
+              "noise": float(m[1])}]                 # the initial point
     bar = progress(range(args.steps), desc=name, leave=False)
     for step in bar:
         state = opt.step(state, train_batch(train, args, step),
@@ -348,7 +348,8 @@ def run_fixed(name, step_fn, inner, params, magnitude, data, args, steps):
     else:
         hp = initial_hyperparams(magnitude)
     opt_state = inner.init(params)
-    curve = []
+    curve = [{"step": 0, "grad_evals": 0.0,
+              "val_loss": float(evaluate(params, *val)[0])}]
     for step in progress(range(steps), desc=name, leave=False):
         params, opt_state = step_fn(params, opt_state, hp,
                                     train_batch(train, args, step))
@@ -427,12 +428,22 @@ def main(argv=None):
           f"+ {select:.2f} G for its validation pass (a forward pass over "
           f"{len(val[1])} images), sharing the budget "
           f"{budget:.0f} G of the costliest tuned run")
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"args": {k: v for k, v in vars(args).items()},
-                   "initial_magnitude": args.init_magnitude,
-                   "rows": rows, "grid_total": grid_total,
-                   "curves": curves}, f, indent=1)
+    write_json(os.path.join(args.out, "results.json"),
+               {"args": {k: v for k, v in vars(args).items()},
+                "initial_magnitude": args.init_magnitude,
+                "rows": rows, "grid_total": grid_total, "curves": curves},
+               indent=1)
     plot(curves, args)
+    print(saved_line(args.out, ["results.json", "augmentation.png"]))
+    # the grid's pick by validation loss, charged the whole grid; the other
+    # grid values are not rivals (picking one by test accuracy would select
+    # on the test set)
+    compared = [r for r in rows if r not in grid_rows] + [
+        dict(best, grad_evals=grid_total["grad_evals"])]
+    print(verdict(compared, "test_acc", "test accuracy",
+                  baselines=("no augmentation", best["method"]),
+                  note=f"{best['method']} is the grid's pick by validation "
+                  "loss, charged the whole grid"))
     return rows
 
 
@@ -448,28 +459,42 @@ def print_table(rows, grid_total):
 
 
 def plot(curves, args):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    """augmentation.png: the validation loss against gradient evaluations
+    and the magnitudes against inner steps, both from 0; one colour per run
+    in both panels (each line's ``gid`` is its run). Returns the figure."""
+    plt = pyplot()
+    fixed = [n for n in curves if "shift" not in curves[n][0]]
+    colour = method_colours([n for n in curves if n not in fixed], fixed)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
     for name, curve in curves.items():
+        tuned = name not in fixed
         axes[0].plot([c["grad_evals"] for c in curve],
-                     [c["val_loss"] for c in curve], marker=".", label=name)
-        if "shift" in curve[0]:
+                     [c["val_loss"] for c in curve], marker=".",
+                     ls="-" if tuned else ":", color=colour[name],
+                     label=f"{name} (tuned)" if tuned else name, gid=name)
+        if tuned:
             for key, style in zip(NAMES, ("-", "--")):
                 axes[1].plot([c["step"] for c in curve],
                              [c[key] for c in curve], style,
-                             label=f"{name}: m_{key}")
-    axes[0].set(xlabel="gradient evaluations", ylabel="validation loss",
-                title="validation loss")
-    axes[1].axhline(args.init_magnitude, color="grey", lw=0.5)
-    axes[1].set(xlabel="inner step", ylabel="magnitude m", ylim=(0, 1),
-                title="learned augmentation magnitudes")
+                             color=colour[name], gid=name)
+        else:   # a fixed magnitude, the same for shift and noise
+            m = (0.0 if name == "no augmentation"
+                 else float(name.split("=")[1]))
+            axes[1].axhline(m, color=colour[name], ls=":", gid=name)
+    axes[0].set(xlabel="gradient evaluations (G)", ylabel="validation loss",
+                title="validation loss (fixed magnitudes: dotted)")
+    axes[1].set(xlabel="inner step (SGD update)", ylabel="magnitude m",
+                ylim=(-0.02, 1.02),
+                title="magnitudes: m_shift solid, m_noise dashed")
     for ax in axes:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+        ax.grid(alpha=0.3)
+    fig.suptitle("Learned data augmentation (shift and pixel noise) of an "
+                 f"MLP on {dataset_name(args.data_dir)}")
+    handles, labels = axes[0].get_legend_handles_labels()
+    legend_below(fig, handles, labels, ncol=3)
     fig.savefig(os.path.join(args.out, "augmentation.png"), dpi=120)
     plt.close("all")
+    return fig
 
 
 if __name__ == "__main__":

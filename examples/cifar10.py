@@ -71,7 +71,6 @@ Examples::
 """
 
 import argparse
-import json
 import math
 import os
 import pickle
@@ -79,9 +78,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cli import (fill_defaults, float_in, nonnegative_int,  # noqa: E402
+from cli import (add_common_flags, fill_defaults, float_in,  # noqa: E402
+                 legend_below, method_colours, nonnegative_int,
                  open_fraction, positive_float, positive_int, progress,
-                 quick_help, seed_int)
+                 pyplot, quick_help, saved_line, verdict, write_json)
 
 MAX_SMOOTHING = 0.5
 
@@ -132,13 +132,11 @@ def parse_args(argv=None):
     p.add_argument("--eval-size", type=nonnegative_int,
                    help="validation images for the curve (0: all; the "
                    f"final row uses them all; default {NORMAL['eval_size']})")
-    p.add_argument("--seed", type=seed_int, default=0)
-    p.add_argument("--out", default="runs/cifar10",
-                   help="directory for plots and results.json")
-    p.add_argument("--quick", action="store_true",
-                   help=quick_help("generated CIFAR-format data (unless "
-                                   "--data-dir), a narrow ResNet and a few "
-                                   "steps (for tests)", NORMAL, QUICK))
+    add_common_flags(p, out="runs/cifar10",
+                     quick=quick_help("generated CIFAR-format data (unless "
+                                      "--data-dir), a narrow ResNet and a "
+                                      "few steps (for tests)", NORMAL,
+                                      QUICK))
     args = fill_defaults(p.parse_args(argv), NORMAL, QUICK)
     return args
 
@@ -403,7 +401,10 @@ def run(name, params, hp, data, args, problem, evaluate):
         current = lambda s: (s[0], hp)  # noqa: E731
         # 1 G a plain step
         spent = lambda s, i: float(i)  # noqa: E731
-    curve = []
+    p, h = current(state)          # the initial point: 0 steps, 0 G
+    curve = [{"step": 0, "val_loss": float(evaluate(p, val,
+                                                    args.eval_size)[0]),
+              "grad_evals": 0.0, **describe(h)}]
     start = time.perf_counter()
     bar = progress(range(args.steps), desc=name, leave=False)
     for i in bar:
@@ -465,11 +466,16 @@ def main(argv=None):
     print_table(rows)
     print("grad evals: untuned 1 G per plain step; T1-T2 as counted by "
           "gradhpo (same number of steps, not the same budget)")
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"args": vars(args), "data_dir": str(data_dir),
-                   "initial": describe(hp), "rows": rows, "curves": curves},
-                  f, indent=1)
-    plot(curves, args.out)
+    write_json(os.path.join(args.out, "results.json"),
+               {"args": vars(args), "data_dir": str(data_dir),
+                "initial": describe(hp), "rows": rows, "curves": curves},
+               indent=1)
+    title = (f"ResNet-{6 * args.blocks + 2} on "
+             + ("CIFAR-10" if args.data_dir else
+                "generated CIFAR-format images (not CIFAR-10)"))
+    plot(curves, args.out, title)
+    print(saved_line(args.out, ["results.json", *PLOTS]))
+    print(verdict(rows, "test_acc", "test accuracy", baselines=("untuned",)))
     return rows
 
 
@@ -483,30 +489,49 @@ def print_table(rows):
               f"{r['seconds']:>9.1f}")
 
 
-def plot(curves, out):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
+PLOTS = ("val_loss.png", "hyperparameters.png")
+#: One colour per run, the same in both plots.
+COLOURS = method_colours(["T1-T2"], ["untuned"])
+
+
+def plot(curves, out, title="ResNet"):
+    """val_loss.png (against gradient evaluations) and hyperparameters.png
+    (against inner steps), every curve from 0 and each run in one colour;
+    each line's ``gid`` is its run. Returns ``{file name: figure}``."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.8), layout="constrained")
     for name, curve in curves.items():
-        ax.plot([c["step"] for c in curve], [c["val_loss"] for c in curve],
-                marker=".", label=name)
-    ax.set(xlabel="inner step", ylabel="validation loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "val_loss.png"), dpi=120)
-    keys = ("weight_decay", "label_smoothing", "aug_magnitude")
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, key in zip(axes, keys):
+        ax.plot([c["grad_evals"] for c in curve],
+                [c["val_loss"] for c in curve], marker=".",
+                color=COLOURS[name], gid=name,
+                label="untuned (initial hyperparameters, plain SGD)"
+                if name == "untuned" else f"{name} (tuned)")
+    ax.set(xlabel="gradient evaluations (G)", ylabel="validation loss",
+           title=f"{title}: validation loss")
+    ax.grid(alpha=0.3)
+    legend_below(fig, ncol=2)
+    fig.savefig(os.path.join(out, PLOTS[0]), dpi=120)
+    figures = {PLOTS[0]: fig}
+    keys = (("weight_decay", "weight decay", "log"),
+            ("label_smoothing", "label smoothing", "linear"),
+            ("aug_magnitude", "augmentation magnitude", "linear"))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.4), layout="constrained")
+    for ax, (key, label, scale) in zip(axes, keys):
         for name, curve in curves.items():
             ax.plot([c["step"] for c in curve], [c[key] for c in curve],
-                    label=name)
-        ax.set(xlabel="inner step", title=key.replace("_", " "))
-        ax.legend(fontsize=7)
-    axes[0].set_yscale("log")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "hyperparameters.png"), dpi=120)
+                    color=COLOURS[name], gid=name, label=(
+                        "untuned (initial hyperparameters, plain SGD)"
+                        if name == "untuned" else f"{name} (tuned)"))
+        ax.set(xlabel="inner step (SGD update)", ylabel=label, title=label,
+               yscale=scale)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{title}: hyperparameters (all start at the initial "
+                 "values)")
+    legend_below(fig, ncol=2)
+    fig.savefig(os.path.join(out, PLOTS[1]), dpi=120)
+    figures[PLOTS[1]] = fig
     plt.close("all")
+    return figures
 
 
 if __name__ == "__main__":

@@ -8,13 +8,23 @@ before it imports JAX.
   defaults of the flags not given on the command line;
 - :func:`progress`: a tqdm bar that is off when stderr is not a terminal;
 - :func:`support_module_main`: a small ``--help`` for the modules that are
-  not examples themselves.
+  not examples themselves;
+- :func:`add_common_flags`: ``--seed``, ``--out`` and ``--quick``, worded
+  alike in every example;
+- the end of a run: :func:`write_json` (flushed to disk, with
+  :func:`fsync_path`), :func:`saved_line` (where the files are) and
+  :func:`verdict` (one sentence: who won, by how much, at what cost);
+- plots: :func:`method_colours` (one fixed colour per method),
+  :func:`dataset_name`, :func:`pyplot` (matplotlib on the Agg backend) and
+  :func:`legend_below` (a legend that does not cover the data).
 
 ``common.py`` re-exports the type functions under their old names.
 """
 
 import argparse
+import json
 import math
+import os
 import sys
 
 
@@ -71,6 +81,190 @@ def support_module_main(doc, usage, argv=None):
     p.parse_args(argv)
     print(usage)
     sys.exit(0)
+
+
+def add_common_flags(parser, out=None, quick=None,
+                     seed_help="random seed (data split, initial weights, "
+                     "batch order)"):
+    """Adds the flags every example shares, worded alike.
+
+    Args:
+      parser: an ``argparse.ArgumentParser``.
+      out: the default of ``--out`` (None: no ``--out``, for a script that
+        writes no files).
+      quick: the help text of ``--quick`` (e.g. from :func:`quick_help`;
+        None: no ``--quick``). ``--quick`` only sets ``args.quick``: call
+        :func:`fill_defaults` after parsing, so that it never overrides a
+        flag given on the command line.
+      seed_help: the help text of ``--seed`` (default 0).
+    """
+    parser.add_argument("--seed", type=seed_int, default=0,
+                        help=f"{seed_help} (default 0)")
+    if out is not None:
+        parser.add_argument("--out", default=out,
+                            help="directory for results.json and the plots "
+                            f"(created if missing; default {out})")
+    if quick is not None:
+        parser.add_argument("--quick", action="store_true", help=quick)
+    return parser
+
+
+# -- the end of a run: files, where they are, and the verdict -----------------
+
+def fsync_path(path):
+    """Flushes a file or a folder to disk (a no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. folders on Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json(path, obj, **kwargs):
+    """Writes ``obj`` as JSON to ``path`` and flushes it to disk before
+    returning (``kwargs`` go to ``json.dump``, e.g. ``indent=1``)."""
+    with open(path, "w") as f:
+        json.dump(obj, f, **kwargs)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def saved_line(out, files):
+    """The line that says where a run left its files: the absolute path of
+    the folder ``out`` and the names of ``files`` in it."""
+    return f"Saved in {os.path.abspath(out)}: {', '.join(files)}"
+
+
+def _times(ratio):
+    """``ratio`` of two budgets in words: "half", "a quarter of", "twice",
+    "1.3 times"."""
+    words = {1 / 4: "a quarter of", 1 / 3: "a third of", 1 / 2: "half",
+             2: "twice", 3: "three times", 4: "four times"}
+    for value, text in words.items():
+        if abs(ratio / value - 1) < 0.02:
+            return text
+    return f"{ratio:.2g} times"
+
+
+def verdict(rows, metric, label, higher_is_better=True, spec=".3f",
+            baselines=(), cost="grad_evals", note=""):
+    """One sentence: which row is best on ``metric``, the runner-up, the
+    margin between them, and what each cost.
+
+    The ranking uses the values in ``rows`` (non-finite ones rank last); the
+    margin is the difference of the two best values, printed with
+    ``spec``. When a row's ``cost`` differs from the winner's by more than
+    2 %, the sentence says so, as a ratio of the winner's.
+
+    Args:
+      rows: dicts with ``"method"``, ``metric`` and ``cost`` (gradient
+        evaluations as gradhpo counted them); at least two.
+      metric: the key the example selects on (e.g. ``"test_acc"``).
+      label: the metric in words (e.g. ``"test accuracy"``).
+      higher_is_better: False for losses and perplexities.
+      spec: the format of the values and the margin.
+      baselines: the names of the baseline rows (named "the baseline
+        NAME", so that a winning baseline is seen as one).
+      cost: the key of the cost.
+      note: a clause appended before the full stop.
+    """
+    if len(rows) < 2:
+        raise ValueError("a verdict compares at least two rows")
+    sign = 1.0 if higher_is_better else -1.0
+
+    def key(row):
+        value = float(row[metric])
+        return sign * value if math.isfinite(value) else -math.inf
+    best, second = sorted(rows, key=key, reverse=True)[:2]
+    margin = abs(float(best[metric]) - float(second[metric]))
+
+    def name(row):
+        return (f"the baseline {row['method']}" if row["method"] in baselines
+                else row["method"])
+
+    def at(row):
+        return f"{float(row[metric]):{spec}} at {float(row[cost]):.0f} G"
+    if format(margin, spec) == format(0.0, spec):
+        text = (f"Verdict: {name(best)} and {name(second)} tie on {label} "
+                f"({at(best)} and {at(second)}; margin "
+                f"{margin:{spec}})")
+    else:
+        text = (f"Verdict: {name(best)} wins on {label} ({at(best)}), ahead "
+                f"of the runner-up, {name(second)} ({at(second)}), by "
+                f"{margin:{spec}}")
+    budget = float(best[cost])
+    differ = [(r["method"], float(r[cost]) / budget) for r in rows
+              if r is not best and budget > 0
+              and abs(float(r[cost]) / budget - 1) > 0.02]
+    if differ:
+        text += ("; the budgets differ: " + ", ".join(
+            f"{n} used {_times(ratio)} the gradient evaluations of "
+            f"{best['method']}" for n, ratio in differ))
+    else:
+        text += "; every compared row used the same budget"
+    return text + (f"; {note}" if note else "") + "."
+
+
+# -- plots --------------------------------------------------------------------
+
+#: Colours of the methods (matplotlib's "tab10" without its grey) and of the
+#: baselines (black and greys), so a method keeps its colour in every panel.
+METHOD_PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e",
+                  "#8c564b", "#e377c2", "#17becf", "#bcbd22")
+BASELINE_PALETTE = ("#000000", "#7f7f7f", "#b0b0b0", "#505050")
+
+
+def method_colours(methods, baselines=()):
+    """``{name: colour}``: the methods in :data:`METHOD_PALETTE`'s order, the
+    baselines in black and greys; use one map for all plots of an example."""
+    colours, i, j = {}, 0, 0
+    for name in methods:
+        if name in baselines:
+            colours[name] = BASELINE_PALETTE[j % len(BASELINE_PALETTE)]
+            j += 1
+        else:
+            colours[name] = METHOD_PALETTE[i % len(METHOD_PALETTE)]
+            i += 1
+    for name in baselines:
+        if name not in colours:
+            colours[name] = BASELINE_PALETTE[j % len(BASELINE_PALETTE)]
+            j += 1
+    return colours
+
+
+def dataset_name(data_dir):
+    """The data set of the digit examples in words, for plot titles."""
+    if data_dir:
+        return f"MNIST ({os.path.basename(os.path.normpath(data_dir))})"
+    return "scikit-learn digits (8x8)"
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (files only, no window)."""
+    import matplotlib    # imported here: parsing flags stays light
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def legend_below(fig, handles=None, labels=None, ncol=3):
+    """One legend for the whole figure, below its panels, so that it hides
+    no data (call before ``savefig``; the figure needs
+    ``layout="constrained"``)."""
+    if handles is None:
+        seen = {}
+        for ax in fig.axes:
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                seen.setdefault(lab, h)
+        labels, handles = list(seen), list(seen.values())
+    return fig.legend(handles, labels, loc="outside lower center",
+                      ncol=min(ncol, max(1, len(labels))), fontsize=8,
+                      frameon=False)
 
 
 # -- command-line types -------------------------------------------------------

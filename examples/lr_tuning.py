@@ -86,13 +86,14 @@ Examples::
 """
 
 import argparse
-import json
 import os
 import time
 
-from cli import (fill_defaults, fraction, nonnegative_float,
+from cli import (add_common_flags, dataset_name, fill_defaults, fraction,
+                 legend_below, method_colours, nonnegative_float,
                  nonnegative_int, number_list, open_fraction, positive_float,
-                 positive_int, progress, quick_help, seed_int)
+                 positive_int, progress, pyplot, quick_help, saved_line,
+                 verdict, write_json)
 
 #: Defaults of the flags that --quick changes (their parser default is None,
 #: so that a flag given explicitly wins).
@@ -132,12 +133,9 @@ def parse_args(argv=None):
                    "default 0)")
     p.add_argument("--eval-every", type=positive_int,
                    help=f"default {NORMAL['eval_every']}")
-    p.add_argument("--seed", type=seed_int, default=0)
-    p.add_argument("--out", default="runs/lr_tuning",
-                   help="directory for plots and results.json")
-    p.add_argument("--quick", action="store_true",
-                   help=quick_help("a few steps on a small subset (for "
-                                   "tests)", NORMAL, QUICK))
+    add_common_flags(p, out="runs/lr_tuning",
+                     quick=quick_help("a few steps on a small subset (for "
+                                      "tests)", NORMAL, QUICK))
     args = fill_defaults(p.parse_args(argv), NORMAL, QUICK)
     if args.steps % args.horizon:
         p.error(f"--steps ({args.steps}) must be a multiple of --horizon "
@@ -227,7 +225,8 @@ def run_hpo(name, opt, horizon, params, hp, data, args):
     train, val = data
     state = opt.init(params, hp)
     calls = args.steps // horizon
-    lrs, moms, curve = [], [], []
+    lrs, moms = [], []
+    curve = [(0.0, float(evaluate(params, val)[0]))]    # the initial point
     for call in progress(range(calls), desc=name, leave=False):
         first = call * horizon
         if horizon == 1:
@@ -265,7 +264,7 @@ def run_fixed(train_loss, lr, mom, steps, params, data, args):
         return optax.apply_updates(p, u), s
 
     p, s = params, tx.init(params)
-    curve = []
+    curve = [(0.0, float(evaluate(params, val)[0]))]    # the initial point
     for i in range(steps):
         p, s = step(p, s, take(train, batch_indices(
             args.seed, i, len(train[0]), args.batch_size)))
@@ -344,11 +343,17 @@ def main(argv=None):
                                            schedules["T1-T2 (inject)"]["lr"]))
     print(f"callable vs inject_hyperparams: max |lr difference| over "
           f"{args.steps} steps = {check:.2e}")
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"args": vars(args), "rows": rows, "schedules": schedules,
-                   "curves": curves, "grid_best_lr": best["final_lr"]},
-                  f, indent=1)
-    plot(schedules, curves, best["final_lr"], args.out)
+    write_json(os.path.join(args.out, "results.json"),
+               {"args": vars(args), "rows": rows, "schedules": schedules,
+                "curves": curves, "grid_best_lr": best["final_lr"]},
+               indent=1)
+    plot(schedules, curves, best["final_lr"], args)
+    print(saved_line(args.out, ["results.json", "schedule.png"]))
+    # the tuned runs against the grid's pick (by validation loss), which
+    # is charged the whole grid; not against each grid point (choosing one
+    # by its test accuracy would select on the test set)
+    print(verdict([r for r in rows if r not in grid_rows], "test_acc",
+                  "test accuracy", baselines=(rows[-1]["method"],)))
     return rows
 
 
@@ -369,30 +374,59 @@ def print_table(rows):
               f"{r['final_lr']:>9.4f} {r['final_momentum']:>9.3f}")
 
 
-def plot(schedules, curves, best_lr, out):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+def colours(names):
+    """One colour per run, the same in every panel: tuned runs in colour,
+    the fixed learning rates of the grid in black and greys."""
+    return method_colours([n for n in names if not n.startswith("fixed")],
+                          [n for n in names if n.startswith("fixed")])
+
+
+def plot(schedules, curves, best_lr, args):
+    """schedule.png: the learned learning rate and momentum per inner step
+    (from the initial values at step 0), and the validation loss against
+    gradient evaluations (from 0 G), every run in one colour in all three
+    panels; each line's ``gid`` is its run. Returns the figure."""
+    plt = pyplot()
+    colour = colours(curves)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), layout="constrained")
     for name, sched in schedules.items():
         style = "--" if "inject" in name else "-"
-        axes[0].plot(sched["lr"], style, label=name)
-        axes[1].plot(sched["momentum"], style, label=name)
-    axes[0].axhline(best_lr, color="k", lw=0.8, ls=":",
-                    label=f"best fixed lr {best_lr:g}")
-    axes[0].set(xlabel="inner step", ylabel="learning rate", yscale="log",
-                title="learned learning rate")
-    axes[1].set(xlabel="inner step", ylabel="momentum",
-                title="learned momentum")
+        steps = range(len(sched["lr"]))
+        axes[0].plot(steps, sched["lr"], style, color=colour[name],
+                     label=name, gid=name)
+        axes[1].plot(steps, sched["momentum"], style, color=colour[name],
+                     gid=name)
+    for name in curves:
+        if name.startswith("fixed"):   # the grid: constant rates
+            lr = float(name.split("=")[1])
+            best = abs(lr - best_lr) < 1e-12
+            axes[0].axhline(lr, color=colour[name], ls=":",
+                            lw=2 if best else 1, gid=name)
+            axes[1].axhline(args.init_momentum, color=colour[name], ls=":",
+                            lw=1, gid=name)
+    axes[0].set(xlabel="inner step (SGD update)", ylabel="learning rate",
+                yscale="log", title="learning rate (grid: dotted)")
+    axes[1].set(xlabel="inner step (SGD update)", ylabel="momentum",
+                title="momentum (grid: fixed at its initial value)")
     for name, curve in curves.items():
-        axes[2].plot(*zip(*curve), label=name)
-    axes[2].set(xlabel="gradient evaluations", ylabel="validation loss",
+        grid = name.startswith("fixed")
+        label = (f"{name} (grid best by val. loss)"
+                 if grid and abs(float(name.split("=")[1]) - best_lr) < 1e-12
+                 else name)
+        axes[2].plot(*zip(*curve), ls=":" if grid else (
+            "--" if "inject" in name else "-"), marker=".",
+            color=colour[name], label=label, gid=name)
+    axes[2].set(xlabel="gradient evaluations (G)", ylabel="validation loss",
                 yscale="log", title="validation loss")
     for ax in axes:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "schedule.png"), dpi=120)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Learning rate and momentum of an MLP tuned by "
+                 f"hypergradients, on {dataset_name(args.data_dir)}")
+    handles, labels = axes[2].get_legend_handles_labels()
+    legend_below(fig, handles, labels, ncol=4)
+    fig.savefig(os.path.join(args.out, "schedule.png"), dpi=120)
     plt.close(fig)
+    return fig
 
 
 if __name__ == "__main__":

@@ -46,9 +46,11 @@ import shutil
 import sys
 import time
 
-from cli import (fill_defaults, finite_float, fraction, name_list,
-                 nonnegative_int, positive_float, positive_int, progress,
-                 quick_help, seed_int)
+from cli import (add_common_flags, dataset_name, fill_defaults,
+                 finite_float, fraction, fsync_path, legend_below,
+                 method_colours, name_list, nonnegative_int, positive_float,
+                 positive_int, progress, pyplot, quick_help, saved_line,
+                 verdict, write_json)
 
 METHODS = ("T1-T2", "Greedy", "HyperDistill", "untuned", "random")
 #: Defaults of the flags that --quick changes (their parser default is None,
@@ -88,18 +90,15 @@ def parse_args(argv=None):
                    default="T1-T2,Greedy,HyperDistill,untuned,random",
                    help="comma-separated subset to run, from "
                    f"{', '.join(METHODS)}")
-    p.add_argument("--seed", type=seed_int, default=0)
-    p.add_argument("--out", default="runs/mnist",
-                   help="directory for plots and results.json")
     p.add_argument("--checkpoint-dir",
                    help="save each method's state here while it runs")
     p.add_argument("--checkpoint-every", type=positive_int, default=100)
     p.add_argument("--resume", action="store_true",
                    help="continue from the states in --checkpoint-dir "
                    "(refused if they were saved with other settings)")
-    p.add_argument("--quick", action="store_true",
-                   help=quick_help("a few steps on a small subset (for "
-                                   "tests)", NORMAL, QUICK))
+    add_common_flags(p, out="runs/mnist",
+                     quick=quick_help("a few steps on a small subset (for "
+                                      "tests)", NORMAL, QUICK))
     args = fill_defaults(p.parse_args(argv), NORMAL, QUICK)
     if args.resume and not args.checkpoint_dir:
         p.error("--resume needs --checkpoint-dir")
@@ -120,6 +119,13 @@ from common import (  # noqa: E402
     batch_indices, cross_entropy, evaluate, init_mlp, load_flat_splits, take)
 
 TUNED = ("T1-T2", "Greedy", "HyperDistill")
+BASELINES = ("untuned", "random search")
+#: One colour per method, the same in every plot.
+COLOURS = method_colours(TUNED, BASELINES)
+#: A marker per method, so that a curve hidden under another still shows.
+MARKERS = {"T1-T2": "o", "Greedy": "s", "HyperDistill": "^",
+           "untuned": "", "random search": "D"}
+PLOTS = ("val_loss.png", "hyperparameters.png")
 
 
 # -- data and model -----------------------------------------------------------
@@ -252,25 +258,8 @@ def _checkpoint_folders(directory, name):
     return sorted(found, reverse=True)
 
 
-def _fsync(path):
-    """Flushes a file or folder to disk (a no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. folders on Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_records(path, records):
-    with open(path, "w") as f:
-        json.dump(records, f)
-        f.flush()
-        os.fsync(f.fileno())
+    write_json(path, records)
 
 
 def _remove_temporaries(directory, name):
@@ -302,7 +291,7 @@ def save_checkpoint(directory, name, state, curve, config):
     _write_records(os.path.join(tmp, RUN_FILE), {
         "format": CHECKPOINT_FORMAT, "method": name, "step": step,
         "config": config, "curve": curve})
-    _fsync(tmp)
+    fsync_path(tmp)
     final = os.path.join(directory, f"{name}.step-{step:08d}")
     if os.path.exists(final):     # the same step saved by an earlier run
         old = os.path.join(directory, f".tmp-{name}.{os.getpid()}.old")
@@ -311,7 +300,7 @@ def save_checkpoint(directory, name, state, curve, config):
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
-    _fsync(directory)
+    fsync_path(directory)
     for _, path in _checkpoint_folders(directory, name):
         if path != final:
             shutil.rmtree(path, ignore_errors=True)
@@ -384,12 +373,17 @@ def load_checkpoint(found, like):
 
 
 def _record(state, val, grad_evals):
-    loss, _ = evaluate(state.params, val)
+    return _record_at(state.params, state.hyperparams, val, grad_evals)
+
+
+def _record_at(params, hp, val, grad_evals):
+    """A point of a curve: the validation loss of ``params`` and the
+    hyperparameters (per layer, the mean of log L2 over its weights)."""
+    loss, _ = evaluate(params, val)
     return {"grad_evals": round(float(grad_evals), 3),
             "val_loss": float(loss),
-            "log_l2": [float(jnp.mean(r))
-                       for r in state.hyperparams["log_l2"]],
-            "log_lr": float(state.hyperparams["log_lr"])}
+            "log_l2": [float(jnp.mean(r)) for r in hp["log_l2"]],
+            "log_lr": float(hp["log_lr"])}
 
 
 def _plain_step(hp):
@@ -404,14 +398,18 @@ def _plain_step(hp):
     return tx, step
 
 
-def train_fixed(params, hp, train, args, steps):
+def train_fixed(params, hp, train, args, steps, val=None, curve=None):
     """Trains with the hyperparameters held fixed, on the data order of the
-    gradient-based runs."""
+    gradient-based runs; with ``val``, appends a point to ``curve`` every
+    ``--eval-every`` steps (1 G a step)."""
     tx, step = _plain_step(hp)
     p, s = params, tx.init(params)
     for i in range(steps):
         p, s = step(p, s, take(train, batch_indices(
             args.seed, 2 * i, len(train[0]), args.batch_size)))
+        if val is not None and ((i + 1) % args.eval_every == 0
+                                or i + 1 == steps):
+            curve.append(_record_at(p, hp, val, i + 1))
     return p
 
 
@@ -474,6 +472,9 @@ def main(argv=None):
     sizes = (train[0].shape[1], args.hidden, args.hidden, 10)
     params = init_mlp(jax.random.PRNGKey(args.seed), sizes)
     hp = initial_hyperparams(params, args)
+    # every curve starts here: the common initial weights and
+    # hyperparameters, at 0 gradient evaluations
+    initial = _record_at(params, hp, val, 0)
     rows, curves = [], {}
     for name, (opt, per_call) in build_optimizers(args).items():
         if name not in methods:
@@ -496,14 +497,16 @@ def main(argv=None):
         rows.append((name, float(vloss), float(acc),
                      float(state.metadata["grad_evals"]), seconds,
                      summarize_hp(state.hyperparams)))
-        curves[name] = curve
+        curves[name] = [initial] + curve
     if "untuned" in methods:
         start = time.perf_counter()
-        p = train_fixed(params, hp, train, args, args.steps)
+        curve = [initial]
+        p = train_fixed(params, hp, train, args, args.steps, val, curve)
         vloss, _ = evaluate(p, val)
         rows.append(("untuned", float(vloss), float(evaluate(p, test)[1]),
                      args.steps, time.perf_counter() - start,
                      summarize_hp(hp)))
+        curves["untuned"] = curve
     if "random" in methods:
         # the largest budget a tuned method spent, by the library's count
         spent = [r[3] for r in rows if r[0] in TUNED]
@@ -514,14 +517,18 @@ def main(argv=None):
         rows.append(("random search", loss, float(evaluate(p, test)[1]),
                      curve[-1]["grad_evals"], time.perf_counter() - start,
                      summarize_hp(best_hp)))
-        curves["random search"] = curve
+        curves["random search"] = [initial] + curve
     print_table(rows)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"args": vars(args), "rows": [
-            dict(zip(["method", "val_loss", "test_acc", "grad_evals",
-                      "seconds", "hyperparams"], r)) for r in rows],
-            "curves": curves}, f, indent=1)
-    plot(curves, args.out)
+    table = [dict(zip(["method", "val_loss", "test_acc", "grad_evals",
+                       "seconds", "hyperparams"], r)) for r in rows]
+    write_json(os.path.join(args.out, "results.json"),
+               {"args": vars(args), "rows": table, "curves": curves},
+               indent=1)
+    plot(curves, args)
+    print(saved_line(args.out, ["results.json", *PLOTS]))
+    if len(table) > 1:
+        print(verdict(table, "test_acc", "test accuracy",
+                      baselines=BASELINES))
     return rows
 
 
@@ -533,38 +540,95 @@ def print_table(rows):
               f"{seconds:>9.1f}  {hp}")
 
 
-def plot(curves, out):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
+def plot(curves, args):
+    """Writes val_loss.png and hyperparameters.png into ``args.out``.
+
+    One colour per method in every panel (:data:`COLOURS`), a line style per
+    layer; every curve starts at 0 gradient evaluations (the initial
+    weights and hyperparameters). Each line's ``gid`` is its method (the
+    random-search trials: "random search trials"). Returns ``{file name:
+    figure}``.
+    """
+    plt = pyplot()
+    from matplotlib.lines import Line2D
+    where = dataset_name(args.data_dir)
+    labels = {"random search": "random search (best trial so far)",
+              "untuned": "untuned (initial hyperparameters, plain SGD)"}
+    fig, ax = plt.subplots(figsize=(7, 4.8), layout="constrained")
     for name, curve in curves.items():
-        ax.plot([c["grad_evals"] for c in curve],
-                [c["val_loss"] for c in curve], marker=".", label=name)
-    ax.set_xlabel("gradient evaluations")
-    ax.set_ylabel("validation loss")
-    ax.set_yscale("log")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "val_loss.png"), dpi=120)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for name, curve in curves.items():
+        x = [c["grad_evals"] for c in curve]
+        y = [c["val_loss"] for c in curve]
         if name == "random search":
-            continue
+            ax.step(x, y, where="post", color=COLOURS[name],
+                    label=labels[name], gid=name)
+            ax.plot(x[1:], y[1:], ls="", marker=MARKERS[name], ms=4,
+                    color=COLOURS[name], gid=f"{name} trials")
+        else:
+            ax.plot(x, y, color=COLOURS[name], marker=MARKERS[name], ms=3,
+                    label=labels.get(name, name), gid=name)
+    ax.set(xlabel="gradient evaluations (G)",
+           ylabel="validation loss (cross-entropy)", yscale="log",
+           title=f"MLP on {where}: validation loss while tuning\n"
+                 "the L2 penalties and the learning rate")
+    ax.grid(alpha=0.3)
+    legend_below(fig, ncol=2)
+    fig.savefig(os.path.join(args.out, PLOTS[0]), dpi=120)
+    figures = {PLOTS[0]: fig}
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5), layout="constrained")
+    styles = ("-", "--", ":", "-.")
+    layers = 0
+    for i, (name, curve) in enumerate(curves.items()):
         evals = [c["grad_evals"] for c in curve]
+        width = max(0.8, 2.6 - 0.5 * i)   # later lines thinner: both show
+        if name == "random search":       # its sampled configurations
+            trials = curve[1:]
+            x = [c["grad_evals"] for c in trials]
+            for layer in range(len(trials[0]["log_l2"])):
+                axes[0].plot(x, [math.exp(c["log_l2"][layer])
+                                 for c in trials],
+                             ls="", marker=MARKERS[name], ms=4, mfc="none",
+                             color=COLOURS[name], gid=f"{name} trials")
+            axes[1].plot(x, [math.exp(c["log_lr"]) for c in trials], ls="",
+                         marker=MARKERS[name], ms=4, mfc="none",
+                         color=COLOURS[name], gid=f"{name} trials")
+            continue
+        layers = max(layers, len(curve[0]["log_l2"]))
         for layer in range(len(curve[0]["log_l2"])):
-            axes[0].plot(evals, [np.exp(c["log_l2"][layer]) for c in curve],
-                         label=f"{name} layer {layer + 1}")
-        axes[1].plot(evals, [np.exp(c["log_lr"]) for c in curve], label=name)
-    axes[0].set(xlabel="gradient evaluations", ylabel="L2 penalty",
-                yscale="log", title="per-layer L2 (geometric mean)")
-    axes[1].set(xlabel="gradient evaluations", ylabel="learning rate",
+            axes[0].plot(evals, [math.exp(c["log_l2"][layer])
+                                 for c in curve],
+                         ls=styles[layer % len(styles)], lw=width,
+                         color=COLOURS[name], gid=name)
+        axes[1].plot(evals, [math.exp(c["log_lr"]) for c in curve],
+                     lw=width, color=COLOURS[name], gid=name)
+    l2 = ("L2 penalty (geometric mean over the layer's weights)"
+          if args.per_weight else "L2 penalty")
+    axes[0].set(xlabel="gradient evaluations (G)", ylabel=l2,
+                yscale="log", title="L2 penalty of each layer")
+    axes[1].set(xlabel="gradient evaluations (G)",
+                ylabel="learning rate (SGD, momentum 0.9)", yscale="log",
                 title="learning rate")
     for ax in axes:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "hyperparameters.png"), dpi=120)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"MLP on {where}: hyperparameters during tuning "
+                 "(every curve starts at the initial values)")
+    handles, names = [], []
+    for name in curves:
+        if name == "random search":
+            handles.append(Line2D([], [], color=COLOURS[name], ls="",
+                                  marker=MARKERS[name], mfc="none"))
+            names.append("random search (sampled configurations)")
+        else:
+            handles.append(Line2D([], [], color=COLOURS[name], lw=2))
+            names.append(labels.get(name, name))
+    handles += [Line2D([], [], color="grey", ls=styles[k % len(styles)])
+                for k in range(layers)]
+    names += [f"layer {k + 1}" for k in range(layers)]
+    legend_below(fig, handles, names, ncol=4)
+    fig.savefig(os.path.join(args.out, PLOTS[1]), dpi=120)
+    figures[PLOTS[1]] = fig
     plt.close("all")
+    return figures
 
 
 if __name__ == "__main__":

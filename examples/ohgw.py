@@ -146,7 +146,6 @@ Examples::
 """
 
 import argparse
-import json
 import math
 import os
 import subprocess
@@ -156,9 +155,10 @@ import types
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from cli import (fill_defaults, float_in, name_list,  # noqa: E402
-                 nonnegative_int, positive_float, positive_int, progress,
-                 seed_int)
+from cli import (add_common_flags, fill_defaults, float_in,  # noqa: E402
+                 method_colours, name_list, nonnegative_int, positive_float,
+                 positive_int, progress, pyplot, saved_line, verdict,
+                 write_json)
 
 #: --task language: default target validation perplexity (byte level) of
 #: the small CPU model, and of the GPT-2-small-sized model with --full.
@@ -277,8 +277,6 @@ def parse_args(argv=None):
                    "~1 epoch); language: AdamW steps (default 25)")
     p.add_argument("--eval-size", type=nonnegative_int, default=0,
                    help="--full: validation images per report (0: all)")
-    p.add_argument("--seed", type=seed_int, default=0,
-                   help="first seed (also the data split)")
     p.add_argument("--seeds", type=positive_int,
                    help="paired seeds: seed, seed+1, ... (default 8 vision, "
                    "6 language)")
@@ -291,19 +289,18 @@ def parse_args(argv=None):
                    help=argparse.SUPPRESS)
     p.add_argument("--analyse-only", action="store_true",
                    help="only read the studies in --storage and report")
-    p.add_argument("--out", default="runs/ohgw",
-                   help="directory for plots and results.json")
-    p.add_argument("--quick", action="store_true",
-                   help="a small run for tests (well under two minutes). "
-                   "Changes only the defaults of flags you do not give: "
-                   "--seeds 2, --trials 9, --max-reports 9; with --task "
-                   "language --trials 6, --max-reports 4, --batch-size 8, "
-                   "--steps-per-report 5, --eval-tokens 2048, --ood-tokens "
-                   "2048, --layers 1, --d-model 32, --heads 2, --context 32, "
-                   "--lookahead 1 (and --full is ignored); with --full "
-                   "(vision) --trials 3, --max-reports 3, --width 4, "
-                   "--blocks 1, --batch-size 16, --steps-per-report 2, "
-                   "--max-train 256. A flag given explicitly always wins.")
+    add_common_flags(
+        p, out="runs/ohgw", seed_help="first seed (also the data split)",
+        quick="a small run for tests (well under two minutes). "
+        "Changes only the defaults of flags you do not give: "
+        "--seeds 2, --trials 9, --max-reports 9; with --task "
+        "language --trials 6, --max-reports 4, --batch-size 8, "
+        "--steps-per-report 5, --eval-tokens 2048, --ood-tokens "
+        "2048, --layers 1, --d-model 32, --heads 2, --context 32, "
+        "--lookahead 1 (and --full is ignored); with --full "
+        "(vision) --trials 3, --max-reports 3, --width 4, "
+        "--blocks 1, --batch-size 16, --steps-per-report 2, "
+        "--max-train 256. A flag given explicitly always wins.")
     args = p.parse_args(argv)
     language = args.task == "language"
     normal = dict(scheduler=("asha", "pasha")[language],
@@ -1093,11 +1090,13 @@ def print_table(summary, args):
 
 
 def plot(runs, args):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     names, seeds = list(runs), args.seed_list
-    colours = {n: f"C{i}" for i, n in enumerate(names)}
+    colours = method_colours(names, baselines=("baseline",))
+    task = ("a byte-level transformer LM" if args.task == "language"
+            else "a ResNet" if args.full else "an MLP")
+    title = (f"OHGW under {args.scheduler.upper()}, {task}: best validation "
+             f"{args.metric} so far (dotted: target)")
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3),
                              sharey=True, squeeze=False)
     for ax, n in zip(axes[0], names):
@@ -1107,7 +1106,9 @@ def plot(runs, args):
                     color=colours[n])
         ax.axhline(args.target, color="k", ls=":", lw=1)
         ax.set(title=n, xlabel="wall time [s]")
+        ax.set_xlim(left=0)
     axes[0][0].set_ylabel(f"best validation {args.metric}")
+    fig.suptitle(title)
     if args.task == "language":
         axes[0][0].set_yscale("log")
     fig.tight_layout()
@@ -1128,9 +1129,11 @@ def plot(runs, args):
             ax.plot(grid, np.mean(ys, 0), color=colours[n], label=n)
         ax.axhline(args.target, color="k", ls=":", lw=1)
         ax.set(xlabel=label, ylabel=f"best validation {args.metric} (mean)")
+        ax.set_xlim(left=0)
         if args.task == "language":
             ax.set_yscale("log")
     axes[0].legend(fontsize=8)
+    fig.suptitle(f"{title}, mean over {len(seeds)} seeds")
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, f"{args.metric}_vs_time_all.png"),
                 dpi=110)
@@ -1145,9 +1148,11 @@ def plot(runs, args):
                     color=colours[n])
         ax.axhline(args.target, color="k", ls=":", lw=1)
         ax.set(title=f"seed {s}", xlabel="wall time [s]")
+        ax.set_xlim(left=0)
         if args.task == "language":
             ax.set_yscale("log")
     axes[0][0].legend(fontsize=7)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "per_seed.png"), dpi=110)
     plt.close("all")
@@ -1216,10 +1221,49 @@ def main(argv=None):
                                "runs": {str(s): runs[n][s]
                                         for s in args.seed_list}}
                            for n in names}}
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(result, f, indent=1, allow_nan=False)
+    write_json(os.path.join(args.out, "results.json"), result, indent=1,
+               allow_nan=False)
     plot(runs, args)
+    print(saved_line(args.out, ["results.json", *plot_files(args)]))
+    line = final_verdict(result, args)
+    if line:
+        print(line)
     return result
+
+
+def plot_files(args):
+    return [f"{args.metric}_vs_time_per_variant.png",
+            f"{args.metric}_vs_time_all.png", "per_seed.png"]
+
+
+def verdict_rows(result, args):
+    """Per variant: the mean over seeds of the final test metric (the
+    table's) and of the gradient evaluations the study spent."""
+    rows = []
+    for name, variant in result["variants"].items():
+        value = variant["summary"][f"final_test_{args.metric}"]["mean"]
+        if value is None:
+            continue
+        spent = [run["total_grad_evals"] for run in variant["runs"].values()]
+        rows.append({"method": name, "value": value,
+                     "grad_evals": sum(spent) / len(spent)})
+    return rows
+
+
+def final_verdict(result, args):
+    """The verdict sentence (None with fewer than two variants)."""
+    rows = verdict_rows(result, args)
+    if len(rows) < 2:
+        return None
+    seeds = len(args.seed_list)
+    return verdict(rows, "value",
+                   f"mean final test {args.metric} over {seeds} seed"
+                   f"{'s' if seeds > 1 else ''}",
+                   higher_is_better=args.direction == "maximize",
+                   spec=".3f" if args.metric == "accuracy" else ".2f",
+                   baselines=("baseline",),
+                   note="see the p-values in the table before trusting a "
+                   "small margin")
 
 
 if __name__ == "__main__":

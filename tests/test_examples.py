@@ -6,6 +6,7 @@ import sys
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -45,8 +46,23 @@ def test_readme_example_tunes_the_penalty(capsys):
     assert "log_l2" in capsys.readouterr().out
 
 
-def test_quickstart_improves_validation_loss():
+def test_quickstart_improves_validation_loss(capsys):
     import quickstart
     before, after = quickstart.main(["--steps", "400"])
     assert np.isfinite(before) and np.isfinite(after)
     assert after < before
+    out = capsys.readouterr().out
+    # the verdict compares the test losses of the table, at the same count
+    table = {m[1]: float(m[2]) for m in re.finditer(
+        r"^(fixed L2|T1-T2 tuned L2) .*? ([0-9.]+) +[0-9.]+ +\d+$", out,
+        re.M)}
+    assert len(table) == 2, out
+    winner = min(table, key=table.get)
+    verdict = re.search(r"^Verdict: (?:the baseline )?(.+?) wins on test "
+                        r"loss .*?, by ([0-9.]+); every compared row used "
+                        r"the same budget\.$", out, re.M)
+    assert verdict, out
+    assert verdict[1] == winner
+    assert float(verdict[2]) == pytest.approx(
+        abs(table["fixed L2"] - table["T1-T2 tuned L2"]), abs=2e-4)
+    assert "No files written" in out

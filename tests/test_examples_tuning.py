@@ -4,6 +4,7 @@ and float64 checks of the hypergradients they rely on."""
 import json
 import math
 import pathlib
+import re
 import sys
 
 import jax
@@ -22,11 +23,86 @@ import hyper_cleaning  # noqa: E402
 import lr_tuning  # noqa: E402
 
 
+# -- the end of a run: the saved-files line and the verdict ------------------
+
+#: "Verdict: [the baseline ]WINNER wins on METRIC (V at G G), ahead of the
+#: runner-up, [the baseline ]SECOND (V at G G), by MARGIN; ..." (or a tie:
+#: "Verdict: A and B tie on METRIC (...; margin M)").
+VERDICT = re.compile(
+    r"^Verdict: (?:the baseline )?(?P<first>.+?)"
+    r"(?: wins on .+?, ahead of the runner-up, (?:the baseline )?"
+    r"(?P<second>.+?) \(\d.*?\), by (?P<margin>[0-9.]+);"
+    r"| and (?:the baseline )?(?P<tied>.+?) tie on .+?; margin "
+    r"(?P<tie_margin>[0-9.]+)\);)", re.M)
+
+
+def check_verdict(out, rows, metric, higher_is_better=True, places=3):
+    """The verdict line names the best of ``rows`` (as in results.json) and
+    the runner-up, and prints their difference as the margin."""
+    match = VERDICT.search(out)
+    assert match, out
+    ranked = sorted(rows, key=lambda r: r[metric],
+                    reverse=higher_is_better)
+    value = {r["method"]: r[metric] for r in rows}
+    first = match["first"]
+    second = match["second"] or match["tied"]
+    margin = float(match["margin"] or match["tie_margin"])
+    assert value[first] == ranked[0][metric], (first, ranked)
+    assert value[second] == ranked[1][metric], (second, ranked)
+    assert margin == pytest.approx(abs(value[first] - value[second]),
+                                   abs=0.5 * 10 ** -places + 1e-12)
+    return first
+
+
+def check_saved_line(out, files):
+    """The "Saved in FOLDER: FILES" line names a folder that holds them."""
+    match = re.search(r"^Saved in (.+): (.+)$", out, re.M)
+    assert match, out
+    folder = pathlib.Path(match[1])
+    assert folder.is_absolute() and folder.is_dir()
+    assert match[2].split(", ") == files
+    for name in files:
+        assert (folder / name).stat().st_size > 0, name
+    return folder
+
+
+def check_colours(figure, names):
+    """Every line of ``figure`` names its run (``gid``), a run has one
+    colour in all panels and no two runs share one; returns the lines."""
+    seen, lines = {}, []
+    for ax in figure.axes:
+        for line in ax.get_lines():
+            assert line.get_gid() in names, line.get_gid()
+            seen.setdefault(line.get_gid(), set()).add(line.get_color())
+            lines.append(line)
+    assert set(seen) == set(names), (set(seen), names)
+    assert all(len(c) == 1 for c in seen.values()), seen
+    assert len({c for cs in seen.values() for c in cs}) == len(seen), seen
+    return lines
+
+
 # -- learning-rate tuning -----------------------------------------------------
 
-def test_lr_tuning_quick_run(tmp_path):
+def test_lr_tuning_quick_run(tmp_path, capsys):
     rows = lr_tuning.main(["--quick", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
     result = json.loads((tmp_path / "results.json").read_text())
+    assert check_saved_line(out, ["results.json", "schedule.png"]) == \
+        tmp_path
+    # the tuned runs against the grid's pick (charged the whole grid)
+    compared = [r for r in result["rows"]
+                if not r["method"].startswith("fixed")]
+    assert len(compared) == 5
+    check_verdict(out, compared, "test_acc")
+    assert out.rstrip().splitlines()[-1].startswith("Verdict: ")
+    # the plot: one colour per run in all panels, curves from 0
+    figure = lr_tuning.plot(result["schedules"], result["curves"],
+                            result["grid_best_lr"], lr_tuning.parse_args(
+                                ["--quick", "--out", str(tmp_path)]))
+    for line in check_colours(figure, set(result["curves"])):
+        assert line.get_xdata()[0] == 0, line.get_gid()
+    for curve in result["curves"].values():
+        assert curve[0][0] == 0.0
     assert (tmp_path / "schedule.png").stat().st_size > 0
     names = [r["method"] for r in result["rows"]]
     assert names == ["T1-T2", "T1-T2 (inject)", "Greedy H=5",
@@ -132,9 +208,17 @@ def test_corrupt_labels_exact_fraction():
     assert (other != mask).any()
 
 
-def test_hyper_cleaning_quick_run(tmp_path):
+def test_hyper_cleaning_quick_run(tmp_path, capsys):
     hyper_cleaning.main(["--quick", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
     result = json.loads((tmp_path / "results.json").read_text())
+    assert check_saved_line(out, ["results.json", "weights.png"]) == \
+        tmp_path
+    # the oracle knows the corrupted labels: named, but not ranked
+    winner = check_verdict(out, result["rows"][:1] + result["rows"][2:],
+                           "test_acc")
+    assert winner != "oracle (clean only)" and "oracle" in out.split(
+        "Verdict: ")[1]
     assert (tmp_path / "weights.png").stat().st_size > 0
     by_name = {r["method"]: r for r in result["rows"]}
     assert list(by_name) == ["uniform weights", "oracle (clean only)",

@@ -4,6 +4,7 @@ numeric checks of the differentiable augmentation they share."""
 import json
 import math
 import pathlib
+import re
 import sys
 
 import jax
@@ -20,6 +21,64 @@ sys.path.insert(0, str(ROOT / "examples"))
 import augmentation  # noqa: E402
 import cifar10  # noqa: E402
 import data_utils  # noqa: E402
+
+
+# -- the end of a run: the saved-files line and the verdict ------------------
+
+#: "Verdict: [the baseline ]WINNER wins on METRIC (V at G G), ahead of the
+#: runner-up, [the baseline ]SECOND (V at G G), by MARGIN; ..." (or a tie:
+#: "Verdict: A and B tie on METRIC (...; margin M)").
+VERDICT = re.compile(
+    r"^Verdict: (?:the baseline )?(?P<first>.+?)"
+    r"(?: wins on .+?, ahead of the runner-up, (?:the baseline )?"
+    r"(?P<second>.+?) \(\d.*?\), by (?P<margin>[0-9.]+);"
+    r"| and (?:the baseline )?(?P<tied>.+?) tie on .+?; margin "
+    r"(?P<tie_margin>[0-9.]+)\);)", re.M)
+
+
+def check_verdict(out, rows, metric, higher_is_better=True, places=3):
+    """The verdict line names the best of ``rows`` (as in results.json) and
+    the runner-up, and prints their difference as the margin."""
+    match = VERDICT.search(out)
+    assert match, out
+    ranked = sorted(rows, key=lambda r: r[metric],
+                    reverse=higher_is_better)
+    value = {r["method"]: r[metric] for r in rows}
+    first = match["first"]
+    second = match["second"] or match["tied"]
+    margin = float(match["margin"] or match["tie_margin"])
+    assert value[first] == ranked[0][metric], (first, ranked)
+    assert value[second] == ranked[1][metric], (second, ranked)
+    assert margin == pytest.approx(abs(value[first] - value[second]),
+                                   abs=0.5 * 10 ** -places + 1e-12)
+    return first
+
+
+def check_saved_line(out, files):
+    """The "Saved in FOLDER: FILES" line names a folder that holds them."""
+    match = re.search(r"^Saved in (.+): (.+)$", out, re.M)
+    assert match, out
+    folder = pathlib.Path(match[1])
+    assert folder.is_absolute() and folder.is_dir()
+    assert match[2].split(", ") == files
+    for name in files:
+        assert (folder / name).stat().st_size > 0, name
+    return folder
+
+
+def check_colours(figure, names):
+    """Every line of ``figure`` names its run (``gid``), a run has one
+    colour in all panels and no two runs share one; returns the lines."""
+    seen, lines = {}, []
+    for ax in figure.axes:
+        for line in ax.get_lines():
+            assert line.get_gid() in names, line.get_gid()
+            seen.setdefault(line.get_gid(), set()).add(line.get_color())
+            lines.append(line)
+    assert set(seen) == set(names), (set(seen), names)
+    assert all(len(c) == 1 for c in seen.values()), seen
+    assert len({c for cs in seen.values() for c in cs}) == len(seen), seen
+    return lines
 
 
 def _finite(rows, keys):
@@ -137,6 +196,20 @@ def test_augmentation_example_quick(tmp_path, capsys):
         assert np.all((traj >= 0) & (traj <= 1))
         np.testing.assert_allclose(traj[-1], m)
     assert sum(r["note"] == "best of grid" for r in rows) == 1
+    # where the files are, and the verdict: the tuned runs, no augmentation
+    # and the grid's pick (charged the whole grid)
+    assert check_saved_line(out, ["results.json", "augmentation.png"]) == \
+        tmp_path
+    compared = [r for r in rows if not r["method"].startswith("fixed")
+                or r["note"] == "best of grid"]
+    assert len(compared) == 4
+    check_verdict(out, compared, "test_acc")
+    figure = augmentation.plot(results["curves"], augmentation.parse_args(
+        ["--quick", "--out", str(tmp_path)]))
+    for line in check_colours(figure, set(results["curves"])):
+        assert line.get_xdata()[0] == 0, line.get_gid()
+    for curve in results["curves"].values():
+        assert curve[0]["grad_evals"] == curve[0]["step"] == 0
 
 
 # -- cifar10.py ---------------------------------------------------------------
@@ -207,3 +280,14 @@ def test_cifar10_example_quick(tmp_path, capsys):
     curve = results["curves"]["T1-T2"]
     assert curve[-1]["step"] == results["args"]["steps"]
     assert all(0 < c["aug_magnitude"] < 1 for c in curve)
+    # the saved files, the verdict (untuned: a quarter of the budget) and
+    # plots with one colour per run, every curve from 0
+    assert check_saved_line(out, ["results.json", "val_loss.png",
+                                  "hyperparameters.png"]) == tmp_path
+    check_verdict(out, rows, "test_acc")
+    assert "untuned used a quarter of" in out or \
+        "T1-T2 used four times" in out
+    figures = cifar10.plot(results["curves"], str(tmp_path), "ResNet-8")
+    for figure in figures.values():
+        for line in check_colours(figure, {"untuned", "T1-T2"}):
+            assert line.get_xdata()[0] == 0

@@ -4,6 +4,7 @@ resume after SIGKILL."""
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -17,9 +18,50 @@ MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
 sys.path.insert(0, str(ROOT / "examples"))
 
 
-def test_quick_run_table_and_plots(tmp_path):
+#: "Verdict: [the baseline ]WINNER wins on METRIC (V at G G), ahead of the
+#: runner-up, [the baseline ]SECOND (V at G G), by MARGIN; ..." (or a tie:
+#: "Verdict: A and B tie on METRIC (...; margin M)").
+VERDICT = re.compile(
+    r"^Verdict: (?:the baseline )?(?P<first>.+?)"
+    r"(?: wins on .+?, ahead of the runner-up, (?:the baseline )?"
+    r"(?P<second>.+?) \(\d.*?\), by (?P<margin>[0-9.]+);"
+    r"| and (?:the baseline )?(?P<tied>.+?) tie on .+?; margin "
+    r"(?P<tie_margin>[0-9.]+)\);)", re.M)
+
+
+def check_verdict(out, rows, metric, higher_is_better=True):
+    """The verdict line names the best row of ``rows`` (from results.json)
+    and the runner-up, and prints their difference as the margin."""
+    match = VERDICT.search(out)
+    assert match, out
+    ranked = sorted(rows, key=lambda r: r[metric],
+                    reverse=higher_is_better)
+    value = {r["method"]: r[metric] for r in rows}
+    first = match["first"]
+    second = match["second"] or match["tied"]
+    margin = float(match["margin"] or match["tie_margin"])
+    assert value[first] == ranked[0][metric], (first, ranked)
+    assert value[second] == ranked[1][metric], (second, ranked)
+    assert margin == pytest.approx(abs(value[first] - value[second]),
+                                   abs=5e-4)
+    return first
+
+
+def check_saved_line(out, files):
+    match = re.search(r"^Saved in (.+): (.+)$", out, re.M)
+    assert match, out
+    folder = pathlib.Path(match[1])
+    assert folder.is_absolute() and folder.is_dir()
+    assert match[2].split(", ") == files
+    for name in files:
+        assert (folder / name).stat().st_size > 0, name
+    return folder
+
+
+def test_quick_run_table_and_plots(tmp_path, capsys):
     import mnist
     rows = mnist.main(["--quick", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
     by_name = {r[0]: r for r in rows}
     assert set(by_name) == {"T1-T2", "Greedy", "HyperDistill", "untuned",
                             "random search"}
@@ -34,10 +76,46 @@ def test_quick_run_table_and_plots(tmp_path):
         assert by_name[m][1] < by_name["untuned"][1], rows
     results = json.loads((tmp_path / "results.json").read_text())
     curve = results["curves"]["T1-T2"]
-    assert [c["grad_evals"] for c in curve] == list(range(32, 193, 32))
+    # from the initial values (0 G), then a point every 8 steps of 4 G
+    assert [c["grad_evals"] for c in curve] == [0] + list(range(32, 193, 32))
+    assert curve[0]["log_lr"] == pytest.approx(np.log(0.02))
     assert curve[-1]["log_lr"] != pytest.approx(np.log(0.02))
-    assert (tmp_path / "val_loss.png").stat().st_size > 0
-    assert (tmp_path / "hyperparameters.png").stat().st_size > 0
+    # every baseline is in the plots: untuned has its own curve (1 G a step)
+    untuned = results["curves"]["untuned"]
+    assert [c["grad_evals"] for c in untuned] == list(range(0, 49, 8))
+    assert untuned[0] == curve[0]
+    assert results["curves"]["random search"][0] == curve[0]
+    # where the files are, and who won by how much on test accuracy
+    assert check_saved_line(out, ["results.json", "val_loss.png",
+                                  "hyperparameters.png"]) == tmp_path
+    check_verdict(out, results["rows"], "test_acc")
+    assert out.rstrip().splitlines()[-1].startswith("Verdict: ")
+
+    # the plots: one colour per method in every panel of both figures,
+    # every curve from 0 gradient evaluations
+    args = mnist.parse_args(["--quick", "--out", str(tmp_path)])
+    figures = mnist.plot(results["curves"], args)
+    assert set(figures) == {"val_loss.png", "hyperparameters.png"}
+    seen = {}
+    for figure in figures.values():
+        for ax in figure.axes:
+            assert ax.get_xlabel() == "gradient evaluations (G)"
+            for line in ax.get_lines():
+                method = line.get_gid()
+                assert method, "every line names its method"
+                method = method.replace(" trials", "")
+                seen.setdefault(method, set()).add(line.get_color())
+                if not line.get_gid().endswith(" trials"):
+                    assert line.get_xdata()[0] == 0, method
+    assert set(seen) == set(results["curves"])
+    assert all(len(colours) == 1 for colours in seen.values()), seen
+    assert len({c for colours in seen.values() for c in colours}) == \
+        len(seen)                                   # and they all differ
+    assert figures["val_loss.png"].axes[0].get_title()
+    assert "digits" in figures["hyperparameters.png"].get_suptitle()
+    # "geometric mean" only where a layer has many penalties
+    assert "geometric" not in figures["hyperparameters.png"].axes[0] \
+        .get_ylabel()
 
 
 @pytest.mark.skipif(not MNIST_DIR.exists(), reason="no shared MNIST files")

@@ -3,6 +3,7 @@
 import json
 import math
 import pathlib
+import re
 import sys
 
 import pytest
@@ -22,9 +23,24 @@ def finite(x):
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def test_quick_run_reports_every_variant(tmp_path):
+def test_quick_run_reports_every_variant(tmp_path, capsys):
     ohgw.main(["--quick", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
     result = json.loads((tmp_path / "results.json").read_text())
+    # the saved-files line and the verdict on the mean test accuracy
+    saved = re.search(r"^Saved in (.+): (.+)$", out, re.M)
+    assert saved and pathlib.Path(saved[1]) == tmp_path
+    for name in saved[2].split(", "):
+        assert (tmp_path / name).stat().st_size > 0
+    means = {n: v["summary"]["final_test_accuracy"]["mean"]
+             for n, v in result["variants"].items()}
+    ranked = sorted(means.values(), reverse=True)
+    verdict = re.search(r"^Verdict: (?:the baseline )?(.+?) (?:wins|and) "
+                        r".*?(?:by|margin) ([0-9.]+)", out, re.M)
+    assert verdict, out
+    assert means[verdict[1]] == ranked[0]
+    assert float(verdict[2]) == pytest.approx(ranked[0] - ranked[1],
+                                              abs=5e-4)
     assert set(result["variants"]) == set(VARIANTS)
     for name, variant in result["variants"].items():
         assert len(variant["runs"]) == 2                       # paired seeds

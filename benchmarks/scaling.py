@@ -55,10 +55,26 @@ Time: the least-squares slope of :math:`\log t` against :math:`\log n` over
 the sizes :math:`\ge` ``--fit-min`` (10^5; below it a step is dominated by
 dispatch) is printed and stored, with the slope over all sizes.
 
+Sharded rows (``--devices N``, N >= 2): every worker then runs with ``N``
+fake CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=N``,
+set in its own environment), shards the state after ``init`` with
+:func:`gradhpo.shard_state` (each weight, L2 coefficient and optimizer
+moment split along its largest divisible axis, scalars replicated), keeps
+the batches replicated, and records the state bytes one device holds
+(``state_bytes_per_device``, the sum of the shards on the first device)
+and the number of all-gathers in the compiled step whose result has the
+full shape of a sharded leaf (``hlo_full_gathers``, expected 0). Every row
+carries a ``devices`` field (1 without sharding). The fake devices share
+one process, so the peak resident memory and the times of these rows are
+those of all devices together: compare their per-device bytes, not their
+peaks, with the one-device rows.
+
 Example:
   python benchmarks/scaling.py --out benchmarks/results/scaling.json
   python benchmarks/scaling.py --quick            # 1e3..1e5, 2 steps
   python benchmarks/scaling.py --max-size 1e7 --algorithms t1t2_exact
+  python benchmarks/scaling.py --devices 4 --min-size 1e6 --max-size 1e6 \\
+      --algorithms t1t2_exact --donate off --out /tmp/scaling_4dev.json
 """
 
 import argparse
@@ -178,6 +194,37 @@ def _nbytes(tree) -> int:
     return int(sum(x.nbytes for x in jax.tree.leaves(tree)))
 
 
+def _shard(state, train, val, devices: int) -> tuple:
+    """The state sharded over ``devices`` (the batches replicated), the
+    shardings to keep, and the state bytes on the first device."""
+    import jax
+
+    import gradhpo as gh
+    if len(jax.devices()) != devices:
+        raise RuntimeError(f"expected {devices} devices, got "
+                           f"{len(jax.devices())} (XLA_FLAGS not applied?)")
+    mesh = gh.make_mesh(axis_name="fsdp")
+    state = jax.block_until_ready(gh.shard_state(state, mesh))
+    train, val = gh.replicate((train, val), mesh)
+    first = jax.devices()[0]
+    per_device = sum(s.data.nbytes for x in jax.tree.leaves(state)
+                     for s in x.addressable_shards if s.device == first)
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    return state, train, val, shardings, int(per_device)
+
+
+def _full_gathers(hlo: str, shapes) -> int:
+    """All-gathers in ``hlo`` whose result has one of ``shapes``."""
+    import re
+    count = 0
+    for line in hlo.splitlines():
+        if re.search(r"\ball-gather(-start)?\(", line) and "=" in line:
+            lhs = line.split("=", 1)[1].split("all-gather", 1)[0]
+            count += sum(tuple(int(d) for d in m.split(",") if d) in shapes
+                         for m in re.findall(r"\w+\[([\d,]*)\]", lhs))
+    return count
+
+
 def run_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     """Measures one configuration in this (fresh) process."""
     import jax
@@ -214,16 +261,29 @@ def run_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     state_other = state_bytes - ITEMSIZE * (m["state_P"] * n_params
                                             + m["state_H"] * n_hyper)
     other_bytes = 2 * state_other + batch_bytes
+    devices = int(spec.get("devices", 1))
+    shardings, per_device = None, state_bytes
+    if devices > 1:
+        state, train, val, shardings, per_device = _shard(
+            state, train, val, devices)
     init_seconds = time.perf_counter() - start
     peak_init = cm.peak_rss_bytes()
     rss_init = cm.proc_status_bytes("VmRSS")
 
     def step(s, tb, vb):
         return opt.step(s, tb, vb)
-    fn = jax.jit(step, donate_argnums=(0,) if donate else ())
+    # sharded: the new state keeps the old one's shardings (the compiled
+    # step accepts only those)
+    fn = jax.jit(step, donate_argnums=(0,) if donate else (),
+                 out_shardings=shardings)
     start = time.perf_counter()
     compiled = fn.lower(state, train, val).compile()
     compile_seconds = time.perf_counter() - start
+    full_gathers = None
+    if devices > 1:
+        full_gathers = _full_gathers(compiled.as_text(), {
+            tuple(x.shape) for x in jax.tree.leaves(state)
+            if not x.sharding.is_fully_replicated})
     xla = {}
     try:
         ma = compiled.memory_analysis()
@@ -268,6 +328,8 @@ def run_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
         "peak_steps_bytes": peak_steps if phases else None,
         "peak_bytes": max(peak_init, peak_compile, peak_steps),
         "xla": xla, "finite": finite,
+        "devices": devices, "state_bytes_per_device": per_device,
+        "hlo_full_gathers": full_gathers,
     }
 
 
@@ -275,9 +337,14 @@ def _spawn(spec: Dict[str, Any], timeout: float) -> Dict[str, Any]:
     """Runs :func:`run_worker` in a fresh interpreter."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker",
            json.dumps(spec)]
+    env = None
+    if spec.get("devices", 1) > 1:  # fake CPU devices for this worker
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_"
+                            f"platform_device_count={spec['devices']}")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     for line in proc.stdout.splitlines()[::-1]:
@@ -323,6 +390,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "this")
     p.add_argument("--timeout", type=float, default=1800,
                    help="seconds allowed to one subprocess")
+    p.add_argument("--devices", type=int, default=1,
+                   help="shard the state over this many fake CPU devices "
+                   "(gradhpo.shard_state; each worker gets XLA_FLAGS="
+                   "--xla_force_host_platform_device_count); 1: no "
+                   "sharding")
     p.add_argument("--out", default=None, help="write a JSON report here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -354,6 +426,8 @@ def main(argv=None) -> Dict[str, Any]:
     if unknown:
         raise SystemExit(f"--algorithms: unknown {sorted(unknown)}; known: "
                          f"{list(ALGORITHMS)}")
+    if args.devices < 1:
+        raise SystemExit(f"--devices must be >= 1, got {args.devices}")
     donate = args.donate or ("off" if quick else "both")
     donations = {"both": [False, True], "on": [True], "off": [False]}[donate]
     sizes = sizes_between(args.min_size, max_size)
@@ -398,7 +472,8 @@ def main(argv=None) -> Dict[str, Any]:
                 load = cm.load_average()
                 res = _spawn({"alg": alg, "size": size, "donate": donate,
                               "batch": args.batch, "inputs": args.inputs,
-                              "steps": steps, "min_seconds": min_seconds},
+                              "steps": steps, "min_seconds": min_seconds,
+                              "devices": args.devices},
                              args.timeout)
                 if "error" in res:
                     print(f"  {alg:<13} donate={donate!s:<5} n={size:.0e}: "
@@ -422,7 +497,12 @@ def main(argv=None) -> Dict[str, Any]:
                       f"{1e3 * res['median_seconds']:9.2f} ms/step, net "
                       f"peak {res['net_peak_bytes'] / 1e6:9.1f} MB "
                       f"(predicted {res['predicted_bytes'] / 1e6:.1f}), "
-                      f"load {load[0] if load else '?'}", flush=True)
+                      f"load {load[0] if load else '?'}"
+                      + (f"; {args.devices} devices: state "
+                         f"{res['state_bytes_per_device'] / 1e6:.2f} of "
+                         f"{res['state_bytes'] / 1e6:.2f} MB per device, "
+                         f"{res['hlo_full_gathers']} full-leaf all-gathers"
+                         if args.devices > 1 else ""), flush=True)
 
     rows = [_row(r, args.large) for r in results]
     fits = _fits(rows, args.fit_min, args.large)
@@ -465,6 +545,7 @@ def main(argv=None) -> Dict[str, Any]:
             "sizes": sizes, "algorithms": algs,
             "donation": [bool(d) for d in donations], "steps": steps,
             "min_seconds": min_seconds, "quick": quick,
+            "devices": args.devices,
             "fit_min": args.fit_min, "large": args.large,
         },
         "environment": dict(cm.environment(),
@@ -493,9 +574,11 @@ def _row(r: Dict[str, Any], large: float) -> Dict[str, Any]:
     ratio = net / r["predicted_bytes"] if r["predicted_bytes"] > 0 else None
     checked = r["n_hyperparams"] >= large
     xla = r.get("xla") or {}
+    devices = r.get("devices", 1)
     return {
-        "name": f"{r['alg']}{'_donated' if r['donate'] else ''}",
-        "alg": r["alg"], "donate": r["donate"],
+        "name": (f"{r['alg']}{'_donated' if r['donate'] else ''}"
+                 f"{f'_{devices}dev' if devices > 1 else ''}"),
+        "alg": r["alg"], "donate": r["donate"], "devices": devices,
         "n_params": r["n_params"], "n_hyperparams": r["n_hyperparams"],
         "median_seconds": r["median_seconds"],
         "min_seconds": min(r["step_seconds"]),
@@ -510,6 +593,9 @@ def _row(r: Dict[str, Any], large: float) -> Dict[str, Any]:
         "peak_compile_bytes": r["peak_compile_bytes"],
         "peak_steps_bytes": r["peak_steps_bytes"],
         "state_bytes": r["state_bytes"],
+        "state_bytes_per_device": r.get("state_bytes_per_device",
+                                        r["state_bytes"]),
+        "hlo_full_gathers": r.get("hlo_full_gathers"),
         "predicted_bytes": r["predicted_bytes"],
         "constant_bytes": r["constant_bytes"],
         "measured_over_predicted": ratio,

@@ -26,6 +26,7 @@ from gradhpo.utils.parallel import init_population
 from gradhpo.utils.parallel import make_mesh
 from gradhpo.utils.parallel import replicate
 from gradhpo.utils.parallel import shard_batch
+from gradhpo.utils.parallel import shard_state
 
 __version__ = "0.2.0"
 
@@ -50,4 +51,5 @@ __all__ = [
     "replicate",
     "save_state",
     "shard_batch",
+    "shard_state",
 ]

@@ -128,12 +128,19 @@ class _Compiled:
                 "check the data and losses. (Shown once per optimizer "
                 "configuration.)", RuntimeWarning, stacklevel=3)
 
-    def function(self, method: Callable, check: bool) -> Callable:
-        fn = self.functions.get(method.__name__)
+    def function(self, method: Callable, check: bool,
+                 shardings: Any = None) -> Callable:
+        """The jitted ``method``; with ``shardings`` (a pytree of
+        shardings), one whose output is placed with them."""
+        name = method.__name__ if shardings is None else (
+            method.__name__, jax.tree.structure(shardings),
+            tuple(jax.tree.leaves(shardings)))
+        fn = self.functions.get(name)
         if fn is None:
             fn = jax.jit(functools.partial(
-                _run_checked, self.config, method, check))
-            self.functions[method.__name__] = fn
+                _run_checked, self.config, method, check),
+                out_shardings=shardings)
+            self.functions[name] = fn
         return fn
 
 
@@ -196,6 +203,8 @@ def compiled(method: Optional[Callable] = None, *,
     if method is None:
         return functools.partial(compiled, check_batches=check_batches)
     signature = inspect.signature(method)
+    returns_state = signature.return_annotation in (BilevelState,
+                                                    "BilevelState")
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
@@ -212,11 +221,35 @@ def compiled(method: Optional[Callable] = None, *,
         if bundle is None:
             # the configuration copy, called from inside a trace
             return method(self, *args)
-        out = bundle.function(method, check_batches)(*args)
+        out = bundle.function(method, check_batches, _state_shardings(
+            args[0]) if returns_state else None)(*args)
         if check_batches:
             bundle.watch(args[0], type(self).__name__)
         return out
     return wrapper
+
+
+def _state_shardings(state: BilevelState) -> Optional[PyTree]:
+    """The shardings of a state placed on several devices (e.g. by
+    :func:`gradhpo.shard_state`), else ``None``.
+
+    A method that returns the next state gives it these shardings: XLA
+    would otherwise choose the output placement of the leaves it is free
+    to (it may split a replicated bias whose update comes out split), and
+    the next call, seeing other input shardings, would compile again. A
+    state on one device (whose ``step`` counter is not spread over several
+    devices) costs one attribute lookup here.
+    """
+    step = state.step
+    if isinstance(step, jax.core.Tracer) or not isinstance(
+            getattr(step, "sharding", None), jax.sharding.NamedSharding) \
+            or len(step.sharding.device_set) < 2:
+        return None
+    leaves, treedef = jax.tree.flatten(state)
+    if not all(isinstance(x, jax.Array) and not isinstance(
+            x, jax.core.Tracer) for x in leaves):
+        return None
+    return treedef.unflatten([x.sharding for x in leaves])
 
 
 class BilevelOptimizer(abc.ABC, metaclass=_OptimizerMeta):

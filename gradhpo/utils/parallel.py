@@ -16,6 +16,12 @@ Two ways to use more hardware with the same optimizer object:
   then spans all global devices, and each host passes its local part of the
   batch through :func:`jax.make_array_from_process_local_data` instead of
   :func:`shard_batch`.
+* **Sharded state** (FSDP-style, for states too large for one device):
+  :func:`shard_state` splits every large leaf of a state (weights,
+  hyperparameters, both optimizer states, the algorithm's own arrays)
+  along one axis over the mesh, so each device holds about ``1/n`` of it;
+  the compiled step keeps those shardings (XLA propagates them through the
+  jitted step), and can be combined with a sharded batch.
 """
 
 from typing import Optional, Sequence
@@ -206,3 +212,115 @@ def shard_batch(batch: DataBatch, mesh: Mesh,
         spec[axis] = axis_name
         return jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec)))
     return jax.tree.map(put, batch)
+
+
+def shard_state(tree: PyTree, mesh: Mesh, axis_name: Optional[str] = None,
+                *, min_size: int = 1024) -> PyTree:
+    """Shards every large array leaf of ``tree`` over one mesh axis.
+
+    The rule, leaf by leaf: an array with at least ``min_size`` elements is
+    split along its largest axis whose length is divisible by the size
+    ``n`` of the mesh axis (the first such axis on a tie), so each device
+    holds ``1/n`` of it; every other leaf (scalars such as ``state.step``
+    and the metadata, small arrays, arrays with no divisible axis, PRNG
+    keys) is replicated on all devices of the mesh. Applied to a whole
+    :class:`~gradhpo.BilevelState` after ``init``, the weights, the
+    hyperparameters, the inner and outer optimizer states and the
+    algorithm's own arrays (HyperDistill's :math:`w^*`, Implicit's warm
+    start) are sharded alike, since they mirror the same shapes. Every
+    leaf then lies on the mesh, so the jitted step sees the same input
+    shardings at every call and returns its state with them (XLA
+    propagates them), and is compiled once.
+
+    Args:
+      tree: any pytree of arrays or numbers, e.g. a state, or the
+        ``params`` and ``hyperparams`` before ``init`` (whose optimizer
+        states then come out sharded like them).
+      mesh: a :class:`jax.sharding.Mesh`, e.g. from :func:`make_mesh`.
+      axis_name: the mesh axis to shard over; ``None`` (default) means the
+        only axis of a one-dimensional mesh.
+      min_size: leaves with fewer elements are replicated (splitting them
+        saves little memory and costs collectives); an int ``>= 0``.
+
+    Returns:
+      ``tree`` with every leaf a :class:`jax.Array` placed with a
+      :class:`~jax.sharding.NamedSharding` over ``mesh``.
+
+    Raises:
+      TypeError: if ``mesh`` is not a :class:`~jax.sharding.Mesh`,
+        ``axis_name`` not a str, ``min_size`` not an int, or a leaf of
+        ``tree`` not an array or number.
+      ValueError: if ``axis_name`` is not an axis of ``mesh`` (or is
+        ``None`` for a mesh of several axes), or ``min_size < 0``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import gradhpo as gh
+      >>> def train_loss(w, hp, b):
+      ...     return jnp.mean((b @ w) ** 2) + jnp.sum(hp * w ** 2)
+      >>> def val_loss(w, hp, b):
+      ...     return jnp.mean((b @ w - 1.0) ** 2)
+      >>> opt = gh.T1T2(train_loss, val_loss, optax.sgd(0.1),
+      ...               optax.adam(0.01))
+      >>> mesh = gh.make_mesh(jax.devices()[:1], axis_name="model")
+      >>> state = opt.init(jnp.ones((64, 32)), jnp.full((64, 32), 0.01))
+      >>> state = gh.shard_state(state, mesh, min_size=1024)
+      >>> state.params.sharding.spec[0]   # split along its largest axis
+      'model'
+      >>> state.step.sharding.is_fully_replicated     # a scalar
+      True
+      >>> state = opt.step(state, jnp.ones((8, 64)), jnp.ones((8, 64)))
+      >>> state.params.sharding.spec[0]   # the step keeps the sharding
+      'model'
+    """
+    if not isinstance(mesh, Mesh):
+        raise TypeError("mesh must be a jax.sharding.Mesh (from "
+                        f"gradhpo.make_mesh()), got {type(mesh).__name__}.")
+    if axis_name is None:
+        if len(mesh.axis_names) != 1:
+            raise ValueError(
+                "axis_name must name the mesh axis to shard over when the "
+                f"mesh has several axes {list(mesh.axis_names)}; got None.")
+        axis_name = mesh.axis_names[0]
+    if not isinstance(axis_name, str):
+        raise TypeError(f"axis_name must be a str (an axis of the mesh) or "
+                        f"None, got {axis_name!r}.")
+    _check_mesh(mesh, axis_name)
+    if isinstance(min_size, bool) or not isinstance(
+            min_size, (int, np.integer)):
+        raise TypeError(f"min_size must be an int (a number of elements), "
+                        f"got {min_size!r}.")
+    if min_size < 0:
+        raise ValueError(f"min_size must be >= 0, got {min_size}.")
+    n = mesh.shape[axis_name]
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def put(path, leaf):
+        if not isinstance(leaf, (jax.Array, np.ndarray, np.generic,
+                                 bool, int, float)):
+            raise TypeError(
+                f"tree{jax.tree_util.keystr(path)} must be an array or a "
+                f"number to be placed on the mesh, got "
+                f"{type(leaf).__name__}.")
+        return jax.device_put(leaf, _leaf_sharding(
+            leaf, mesh, axis_name, n, min_size, replicated))
+    return jax.tree_util.tree_map_with_path(put, tree)
+
+
+def _leaf_sharding(leaf, mesh: Mesh, axis_name: str, n: int, min_size: int,
+                   replicated: NamedSharding) -> NamedSharding:
+    """:func:`shard_state`'s rule for one leaf."""
+    shape = np.shape(leaf)
+    dtype = getattr(leaf, "dtype", None)
+    if (dtype is not None and jax.dtypes.issubdtype(
+            dtype, jax.dtypes.prng_key)) or not shape \
+            or int(np.prod(shape)) < max(min_size, 1):
+        return replicated
+    # the largest divisible axis; the first one among equal lengths
+    axes = sorted(range(len(shape)), key=lambda a: -shape[a])
+    for a in axes:
+        if shape[a] % n == 0:
+            spec = [None] * len(shape)
+            spec[a] = axis_name
+            return NamedSharding(mesh, PartitionSpec(*spec))
+    return replicated

@@ -643,3 +643,77 @@ def test_integrations_package_does_not_import_optuna():
     code = ("import sys, gradhpo.integrations; "
             "assert 'optuna' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _retry_callback():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback()
+
+
+@pytest.mark.filterwarnings("ignore:The reported value is ignored")
+@pytest.mark.parametrize("inherit", [False, True])
+def test_retried_trial_does_not_inherit_rung_records(inherit):
+    """A trial pruned at rung 0 that crashed before it could stop is
+    re-queued with its system attributes; the retry must earn rung 0
+    again (and is pruned there again), not skip it."""
+    pruner = make_pruner()
+    study = build_study(FAMILY_A, pruner)
+    loser = (0.99, 0.95, 0.9, 0.85)          # worst at rung 0 (step 1)
+    trial = study.ask()
+    decisions = []
+    for step, value in enumerate(loser[:2]):
+        trial.report(value, step)
+        trial.should_prune()
+        decisions.append(pruner.last_decision(trial.number))
+    assert decisions == [CONTINUE, PRUNE]
+    study.tell(trial, state=TrialState.FAIL)         # crashed, not pruned
+    failed = study.trials[-1]
+    assert failed.system_attrs["pasha:rung_0"] == 0.95
+    callback = _retry_callback()
+    callback._inherit_intermediate_values = inherit
+    callback(study, failed)
+    retry = study.ask()
+    assert retry.number == failed.number + 1
+    copied = study.trials[retry.number].system_attrs
+    assert copied["pasha:rung_0"] == 0.95            # the copy is there
+    decisions = []
+    for step, value in enumerate(loser):
+        retry.report(value, step)
+        retry.should_prune()
+        decisions.append(pruner.last_decision(retry.number))
+        if decisions[-1] is not CONTINUE:
+            break
+    assert decisions == [CONTINUE, PRUNE] or (
+        inherit and decisions == [PRUNE])
+    frozen = study.trials[retry.number]
+    assert frozen.system_attrs["pasha:owner"] == frozen._trial_id
+    assert frozen.system_attrs["pasha:rung_0"] == 0.95  # earned again
+    # The retry ranks once at rung 0, the failed original not at all.
+    tables, _ = pruner._read(study)
+    assert sorted(tables.rungs[0]) == [0, 1, 2, 3, 4, retry.number]
+
+
+def test_retried_trial_with_passed_rungs_is_decided_again():
+    """A copied passed flag lets nothing through: the retry of a trial that
+    passed rung 0 and crashed is decided at rung 0 from scratch."""
+    pruner = make_pruner()
+    study = build_study(FAMILY_A, pruner)
+    trial = study.ask()
+    for step, value in enumerate(T2[:3]):
+        trial.report(value, step)
+        trial.should_prune()
+    assert study.trials[-1].system_attrs["pasha:passed_0"] is True
+    study.tell(trial, state=TrialState.FAIL)
+    _retry_callback()(study, study.trials[-1])
+    retry = study.ask()
+    tables, _ = pruner._read(study)
+    assert retry.number not in tables.rungs.get(0, {})
+    retry.report(T2[0], 0)
+    assert retry.should_prune() is False
+    retry.report(T2[1], 1)
+    retry.should_prune()
+    assert pruner.last_decision(retry.number) is CONTINUE
+    attrs = study.trials[retry.number].system_attrs
+    assert attrs["pasha:passed_0"] is True and "pasha:rung_1" not in attrs

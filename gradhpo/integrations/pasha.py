@@ -39,6 +39,10 @@ from gradhpo.utils import validation as val
 _PREFIX = "pasha:"
 _RUNG_KEY = _PREFIX + "rung_{}"
 _PASSED_KEY = _PREFIX + "passed_{}"
+# The storage id of the trial the records were written for: a copy of the
+# records in another trial (a retry re-queued with the system attributes)
+# is foreign and ignored.
+_OWNER_KEY = _PREFIX + "owner"
 _STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 _DIRECTIONS = ("minimize", "maximize")
 
@@ -312,6 +316,16 @@ class _Tables:
         self.passed.setdefault(k, set()).add(number)
 
 
+def _foreign(trial: FrozenTrial) -> bool:
+    """Whether ``trial`` carries PASHA records it did not earn (copied from
+    another trial, e.g. by ``RetryHeartbeatStaleTrialCallback``)."""
+    attrs = trial.system_attrs
+    if _OWNER_KEY in attrs:
+        return attrs[_OWNER_KEY] != trial._trial_id
+    return "failed_trial" in attrs and any(
+        key.startswith(_PREFIX) for key in attrs)
+
+
 def _entries_from_attrs(attrs, n_rungs: Optional[int]
                         ) -> Tuple[Dict[int, float], Set[int]]:
     """Variant A: the rung values and passed flags the pruner wrote."""
@@ -403,9 +417,15 @@ class PASHAPruner(optuna.pruners.BasePruner):
     Any number of workers sharing one storage compute the same :math:`T`. The
     pruner records a trial's rung values and passed rungs as system
     attributes ``pasha:rung_k`` / ``pasha:passed_k`` (as Optuna's own
-    successive halving does); trials without them (e.g. added with
+    successive halving does), together with ``pasha:owner``, the storage id
+    of the trial they were written for; trials without them (e.g. added with
     ``study.add_trial``) are read from their intermediate values, at the
-    first reported step :math:`\ge s_k`. Further deviations from the
+    first reported step :math:`\ge s_k`. Records copied into another trial
+    (a retry re-queued by ``RetryHeartbeatStaleTrialCallback``, which copies
+    the system attributes) are foreign: they are ignored, cleared when the
+    retry writes its first record, and the retry earns every rung again. To
+    pause trials and resume them from a checkpoint instead of stopping
+    them, see :mod:`gradhpo.integrations.resume`. Further deviations from the
     reference code: each unordered pair is counted once in :math:`\epsilon`
     and equal values count as "no order"; exact ties at rung :math:`T` are
     broken by the rung-:math:`(T-1)` value; with :math:`n \le 2` the cap can
@@ -566,7 +586,8 @@ class PASHAPruner(optuna.pruners.BasePruner):
                   if t.number != exclude]
         for t in trials:
             attrs = t.system_attrs
-            if any(key.startswith(_PREFIX) for key in attrs):
+            if any(key.startswith(_PREFIX) for key in attrs) and \
+                    not _foreign(t):
                 values, passed = _entries_from_attrs(attrs, self._n)
             else:
                 values, passed = self._entries_from_curve(
@@ -680,6 +701,9 @@ class PASHAPruner(optuna.pruners.BasePruner):
         if step is None or self._n == 0:
             return PASHADecision.CONTINUE
         attrs = trial.system_attrs
+        foreign = _foreign(trial)
+        if foreign:
+            attrs = {}
         pending = [k for k in self._rungs_upto(step)
                    if _RUNG_KEY.format(k) not in attrs]
         if not pending:
@@ -694,6 +718,18 @@ class PASHAPruner(optuna.pruners.BasePruner):
         values, passed = _entries_from_attrs(attrs, self._n)
         self._add(tables, trial, values, passed, sign)
         storage = study._storage
+        if trial.system_attrs.get(_OWNER_KEY) != trial._trial_id:
+            # Neutralise copied records first, then claim the records.
+            if foreign:
+                for key in trial.system_attrs:
+                    kind = key[len(_PREFIX):].rpartition("_")[0]
+                    if key.startswith(_PREFIX) and kind in ("rung",
+                                                            "passed"):
+                        storage.set_trial_system_attr(
+                            trial._trial_id, key,
+                            None if kind == "rung" else False)
+            storage.set_trial_system_attr(trial._trial_id, _OWNER_KEY,
+                                          trial._trial_id)
         # Rungs crossed in one call are decided in order, and a rung value is
         # recorded only once the trial has passed the rungs below it.
         for k in pending:

@@ -1,0 +1,671 @@
+r"""Pause and resume for ASHA and PASHA on Optuna (promotion type).
+
+Optuna has no *paused* trial state: a trial that stops is finished for good.
+This module builds pause and resume on top of ordinary trials. A
+configuration is trained as a *chain* of trials (segments); every segment
+after the first continues from the checkpoint its predecessor wrote, so no
+step is trained twice and no resource is spent again.
+
+Scheduling is promotion-type successive halving (Li et al.), with PASHA's
+growing maximum resource (Bohdal et al.) or with a fixed one (ASHA). Resources
+are counted from 1: the user's ``step`` function trains unit
+:math:`e = 1, 2, \dots, R` and reports the metric at resource :math:`e`.
+Rung :math:`k` sits at :math:`s_k = r\,\eta^{k}` for every :math:`s_k < R`
+(:math:`n` rungs). At every rung a segment reaches, the scheduler looks for
+the trial to *promote*: scanning the rungs from the highest level below the
+current maximum resource :math:`M` down, the best paused trial of the first
+rung whose value is at least as good as the rung's promotion cutoff (the
+linear :math:`q_k`-quantile of all values in the rung, :math:`q_k =
+s_k/s_{k+1}`, :math:`s_n = R`, at least two values). If that is the segment
+itself it simply goes on; otherwise it *pauses* (checkpoint, then ends) and
+enqueues the promoted trial's continuation, which the next free worker pops.
+A segment reaching :math:`R` completes. Under PASHA, :math:`M = s_T` with
+the top rung :math:`T` starting at 1 and growing by one whenever, after a
+report, rungs :math:`T` and :math:`T-1` rank their common trials differently
+beyond the noise tolerance :math:`\epsilon` (see
+:func:`gradhpo.integrations.pasha.soft_ranking_consistent`); once
+:math:`T = n`, :math:`M = R`.
+
+What a user sees in ``study.trials`` (user attributes, all JSON):
+
+* ``gradhpo:chain`` (every segment): the number of the chain's first trial,
+  which names the configuration;
+* ``gradhpo:parent``: the trial this segment continues from (None for the
+  first), and ``gradhpo:reason``: ``"promoted"`` or ``"retry"`` (after a
+  crash of the parent);
+* ``gradhpo:start``: the resource the segment started from (0: from
+  scratch), ``gradhpo:saved``: the resource of its last checkpoint;
+* ``gradhpo:status``, written when the segment ends: ``"paused"`` (state
+  ``PRUNED``: stopped at a rung, resumable; it stays ``"paused"`` after it
+  was resumed, the continuation is the trial whose parent it is),
+  ``"complete"`` (state ``COMPLETE``, value at :math:`R`) or ``"duplicate"``
+  (state ``PRUNED``: lost a race to continue the same parent, trained
+  nothing). A ``FAIL`` segment crashed; it is continued by a ``"retry"``
+  segment from its last checkpoint;
+* ``gradhpo:top_rung``: the top rung :math:`T` a report of this segment
+  raised (PASHA); :math:`T` is the largest recorded value (1 if none);
+* ``gradhpo:worker``: host and process id of the worker that ran it.
+
+A continuation is created with the parent's parameters and its intermediate
+values up to the checkpoint, so the chain's last segment (its *tip*) holds
+the whole learning curve: resource already spent is neither trained nor
+reported again. :meth:`PausingScheduler.best_trial` follows chains and
+returns a tip.
+
+**Claims.** Any number of workers may share one storage (a journal file,
+SQLite or another RDB). To continue a parent, a worker adds a ``WAITING``
+trial with ``gradhpo:parent`` set; if two workers race, the continuation
+with the lowest trial number wins (trial numbers are assigned by the storage
+in creation order, so every worker that looks finds the same winner) and
+the other ends as ``"duplicate"`` without training. Checkpoints are one file
+per chain written with :func:`gradhpo.save_state` (atomic), and only the
+winning segment of a chain runs at any time. A killed worker leaves its
+segment ``RUNNING``: with an RDB storage with a heartbeat, Optuna fails it;
+otherwise the next segment that starts or ends on the same host fails
+segments whose process is gone. With SQLite, build the storage with
+:func:`sqlite_storage`: Optuna's default SQLite transactions let two
+workers pop the same waiting trial. Either way a retry continues the chain from
+its last checkpoint; the steps trained after that checkpoint (at most
+``checkpoint_every``) are trained again.
+"""
+
+import math
+import os
+import socket
+from typing import (Any, Callable, Dict, List, NamedTuple, Optional,
+                    Sequence, Tuple)
+
+import numpy as np
+import optuna
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+from gradhpo.integrations.pasha import (linear_percentile,
+                                        noisy_pair_distances,
+                                        soft_ranking_consistent)
+from gradhpo.utils import validation as val
+from gradhpo.utils.checkpoint import load_state, save_state
+from gradhpo.utils.types import PyTree
+
+CHAIN = "gradhpo:chain"
+PARENT = "gradhpo:parent"
+REASON = "gradhpo:reason"
+START = "gradhpo:start"
+SAVED = "gradhpo:saved"
+STATUS = "gradhpo:status"
+TOP = "gradhpo:top_rung"
+EPSILON = "gradhpo:epsilon"
+WORKER = "gradhpo:worker"
+_KINDS = ("pasha", "asha")
+
+
+def sqlite_storage(url: str, *, timeout: float = 60.0,
+                   **kwargs) -> "optuna.storages.RDBStorage":
+    """An Optuna SQLite storage that is safe for many worker processes.
+
+    With the default SQLite transactions two workers can pop the same
+    ``WAITING`` trial (Optuna's read-then-write of its state is not atomic
+    there), so two processes would train the same segment. This storage
+    opens every transaction with ``BEGIN IMMEDIATE`` (the write lock is
+    taken before the read) and waits up to ``timeout`` seconds for the
+    lock. Other RDBs (PostgreSQL, MySQL) and journal storages need nothing.
+
+    Args:
+      url: ``"sqlite:///path.db"``.
+      timeout: seconds a transaction waits for the lock.
+      kwargs: passed to ``optuna.storages.RDBStorage`` (e.g. a heartbeat).
+
+    Example:
+      >>> import os, tempfile, optuna
+      >>> from gradhpo.integrations.resume import sqlite_storage
+      >>> url = "sqlite:///" + os.path.join(tempfile.mkdtemp(), "s.db")
+      >>> study = optuna.create_study(storage=sqlite_storage(url))
+      >>> study.enqueue_trial({"x": 1.0})
+      >>> study.ask().number
+      0
+    """
+    from sqlalchemy import event
+
+    engine_kwargs = dict(kwargs.pop("engine_kwargs", {}))
+    connect_args = dict(engine_kwargs.get("connect_args", {}))
+    connect_args.setdefault("timeout", timeout)
+    engine_kwargs["connect_args"] = connect_args
+    storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
+                                         **kwargs)
+    engine = storage.engine
+
+    def on_connect(dbapi_connection, record):
+        dbapi_connection.isolation_level = None   # we issue BEGIN ourselves
+
+    def on_begin(connection):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    event.listen(engine, "connect", on_connect)
+    event.listen(engine, "begin", on_begin)
+    engine.dispose()        # connections opened before the hooks
+    return storage
+
+
+class Chain(NamedTuple):
+    """One configuration as seen in a study snapshot.
+
+    ``number``: the chain's first trial; ``tip``: its latest winning
+    segment; ``segments``: the winning segments in order; ``curve``: the
+    learning curve ``{resource: value}`` it has earned (a crashed tip's
+    values only up to its last checkpoint); ``status``: ``"running"``,
+    ``"waiting"``, ``"paused"``, ``"complete"``, ``"failed"`` (awaiting a
+    retry).
+    """
+
+    number: int
+    tip: FrozenTrial
+    segments: Tuple[FrozenTrial, ...]
+    curve: Dict[int, float]
+    status: str
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # pragma: no cover - another user's process
+        return True
+    return True
+
+
+def _earned(trial: FrozenTrial) -> Dict[int, float]:
+    curve = dict(trial.intermediate_values)
+    if trial.state == TrialState.FAIL:
+        saved = trial.user_attrs.get(SAVED, 0)
+        curve = {e: v for e, v in curve.items() if e <= saved}
+    return curve
+
+
+def _snapshot(study: "optuna.Study") -> Tuple[List[Chain], Dict]:
+    """Chains of ``study`` and the winner of every claim key."""
+    trials = study.get_trials(deepcopy=False)
+    winners: Dict[Tuple[int, Optional[int]], FrozenTrial] = {}
+    for t in trials:
+        if CHAIN not in t.user_attrs:
+            continue
+        key = (t.user_attrs[CHAIN], t.user_attrs.get(PARENT))
+        if key not in winners or t.number < winners[key].number:
+            winners[key] = t
+    chains = []
+    for (number, parent), head in winners.items():
+        if parent is not None or head.number != number:
+            continue
+        segments = [head]
+        while (number, segments[-1].number) in winners:
+            segments.append(winners[(number, segments[-1].number)])
+        tip = segments[-1]
+        status = {TrialState.RUNNING: "running",
+                  TrialState.WAITING: "waiting",
+                  TrialState.COMPLETE: "complete",
+                  TrialState.FAIL: "failed"}.get(tip.state, "paused")
+        chains.append(Chain(number, tip, tuple(segments), _earned(tip),
+                            status))
+    chains.sort(key=lambda c: c.number)
+    return chains, winners
+
+
+class PausingScheduler:
+    r"""Promotion-type ASHA or PASHA whose decisions are read from a study.
+
+    Holds the rung levels and the promotion and top-rung rules; keeps no
+    state between calls (everything is recomputed from the study, so workers
+    sharing a storage agree). Use it with :class:`ResumableObjective`; its
+    methods also answer questions about a finished study.
+
+    Args:
+      min_resource: :math:`r \ge 1`, the first rung.
+      reduction_factor: :math:`\eta \ge 2`.
+      max_resource: :math:`R > r`, the resource at which a chain completes.
+      kind: ``"pasha"`` (growing maximum resource) or ``"asha"`` (:math:`M
+        = R` from the start).
+      epsilon: PASHA's noise tolerance: ``"auto"`` (the 90th percentile of
+        noisy-pair distances, see
+        :func:`gradhpo.integrations.pasha.estimate_epsilon`) or a number.
+      epsilon_percentile, epsilon_init: as for
+        :class:`~gradhpo.integrations.pasha.PASHAPruner`.
+
+    Example:
+      >>> from gradhpo.integrations.resume import PausingScheduler
+      >>> sched = PausingScheduler(1, 3, max_resource=100)
+      >>> sched.rung_levels
+      [1, 3, 9, 27, 81]
+      >>> [sched.max_resource_for(t) for t in range(1, 6)]
+      [3, 9, 27, 81, 100]
+    """
+
+    def __init__(self, min_resource: int, reduction_factor: int = 3, *,
+                 max_resource: int, kind: str = "pasha",
+                 epsilon="auto", epsilon_percentile: float = 90.0,
+                 epsilon_init: float = 0.0) -> None:
+        self.min_resource = val.check_int(min_resource, "min_resource",
+                                          minimum=1)
+        self.reduction_factor = val.check_int(
+            reduction_factor, "reduction_factor", minimum=2)
+        self.max_resource = val.check_int(max_resource, "max_resource",
+                                          minimum=self.min_resource + 1)
+        val.check_choice(kind, "kind", _KINDS)
+        self.kind = kind
+        if isinstance(epsilon, str):
+            val.check_choice(epsilon, "epsilon", ("auto",))
+            self.epsilon: Optional[float] = None
+        else:
+            self.epsilon = val.check_real(epsilon, "epsilon", low=0.0)
+        self.epsilon_percentile = val.check_real(
+            epsilon_percentile, "epsilon_percentile", low=0.0, high=100.0)
+        self.epsilon_init = val.check_real(epsilon_init, "epsilon_init",
+                                           low=0.0)
+        levels = []
+        s = self.min_resource
+        while s < self.max_resource:
+            levels.append(s)
+            s *= self.reduction_factor
+        self.rung_levels: List[int] = levels
+
+    @property
+    def n_rungs(self) -> int:
+        """:math:`n`, the number of rungs below ``max_resource``."""
+        return len(self.rung_levels)
+
+    def max_resource_for(self, top_rung: int) -> int:
+        """:math:`M = s_T` for :math:`T < n`, ``max_resource`` otherwise."""
+        if self.kind == "asha" or top_rung >= self.n_rungs:
+            return self.max_resource
+        return self.rung_levels[top_rung]
+
+    def _quantile(self, k: int) -> float:
+        nxt = self.rung_levels[k + 1] if k + 1 < self.n_rungs \
+            else self.max_resource
+        return self.rung_levels[k] / nxt
+
+    # ------------------------------------------------------------ top rung
+    def _latest_epsilon(self, winners: Dict) -> float:
+        if self.epsilon is not None:
+            return self.epsilon
+        records = [(t.user_attrs[EPSILON][0], t.number,
+                    t.user_attrs[EPSILON][1]) for t in winners.values()
+                   if EPSILON in t.user_attrs]
+        return max(records)[2] if records else self.epsilon_init
+
+    def _new_epsilon(self, chains: Sequence[Chain], winners: Dict,
+                     step: int) -> Optional[Tuple[int, float]]:
+        """After a report at ``step``: ``[clock, epsilon]`` to record, or
+        None (no noisy pair in the current window, or no change)."""
+        if self.kind == "asha" or self.epsilon is not None:
+            return None
+        recorded = self._recorded_top(winners)
+        if recorded >= self.n_rungs:
+            return None
+        low, high = (self.rung_levels[recorded - 1],
+                     self.rung_levels[recorded])
+        if not low < step <= high:
+            return None         # the window's pairs did not change
+        found = noisy_pair_distances([c.curve for c in chains], low, high)
+        if not found:
+            return None
+        epsilon = linear_percentile(found, self.epsilon_percentile)
+        if epsilon == self._latest_epsilon(winners):
+            return None
+        return sum(len(c.curve) for c in chains), epsilon
+
+    def _recorded_top(self, winners: Dict) -> int:
+        recorded = max([1] + [int(t.user_attrs[TOP])
+                              for t in winners.values()
+                              if TOP in t.user_attrs])
+        return min(recorded, self.n_rungs)
+
+    def _top(self, study: "optuna.Study", chains: Sequence[Chain],
+             winners: Dict, epsilon: Optional[float] = None
+             ) -> Tuple[int, int]:
+        """(recorded T, T after the check now); equal unless it grows."""
+        if self.kind == "asha" or self.n_rungs <= 1:
+            return self.n_rungs, self.n_rungs
+        recorded = self._recorded_top(winners)
+        if recorded >= self.n_rungs:
+            return recorded, recorded
+        sign = -1.0 if study.direction == StudyDirection.MAXIMIZE else 1.0
+        top, prev = (self.rung_levels[recorded],
+                     self.rung_levels[recorded - 1])
+        members = [(c.curve[top], c.curve[prev]) for c in chains
+                   if top in c.curve and prev in c.curve
+                   and math.isfinite(c.curve[top])
+                   and math.isfinite(c.curve[prev])]
+        direction = "maximize" if sign < 0 else "minimize"
+        if len(members) < 2 or soft_ranking_consistent(members, 0.0,
+                                                       direction):
+            return recorded, recorded
+        if epsilon is None:
+            epsilon = self._latest_epsilon(winners)
+        if soft_ranking_consistent(members, epsilon, direction):
+            return recorded, recorded
+        return recorded, recorded + 1
+
+    def current_top_rung(self, study: "optuna.Study") -> int:
+        """:math:`T` as the next report would see it (:math:`n` for ASHA)."""
+        chains, winners = _snapshot(study)
+        return self._top(study, chains, winners)[1]
+
+    def current_max_resource(self, study: "optuna.Study") -> int:
+        """:math:`M` for :meth:`current_top_rung`."""
+        return self.max_resource_for(self.current_top_rung(study))
+
+    # ------------------------------------------------------------ promotion
+    def _promote(self, study: "optuna.Study", chains: Sequence[Chain],
+                 max_resource: int, pausing: Optional[int] = None
+                 ) -> Optional[Chain]:
+        """The chain to promote now, or None. ``pausing``: the chain whose
+        running tip just reached a rung (a candidate like paused ones)."""
+        sign = -1.0 if study.direction == StudyDirection.MAXIMIZE else 1.0
+
+        def key(v: float) -> float:
+            return sign * v if math.isfinite(v) else 1e300
+
+        for k in range(self.n_rungs - 1, -1, -1):
+            level = self.rung_levels[k]
+            if level >= max_resource:
+                continue
+            values = [key(c.curve[level]) for c in chains
+                      if level in c.curve]
+            if len(values) < 2:
+                continue
+            cutoff = float(np.quantile(values, self._quantile(k)))
+            paused = [c for c in chains if level in c.curve
+                      and max(c.curve) == level and (
+                          c.number == pausing or c.status == "paused")]
+            if not paused:
+                continue
+            best = min(paused, key=lambda c: (key(c.curve[level]), c.number))
+            if key(best.curve[level]) <= cutoff and key(
+                    best.curve[level]) < 1e300:
+                return best
+        return None
+
+    # ------------------------------------------------------------ queries
+    def chains(self, study: "optuna.Study") -> List[Chain]:
+        """The configurations of ``study``, as :class:`Chain` records."""
+        return _snapshot(study)[0]
+
+    def best_trial(self, study: "optuna.Study") -> FrozenTrial:
+        """The tip of the selected chain: among completed chains the best
+        final value; otherwise the best value at the highest rung any chain
+        reached (ties: the lower chain number).
+
+        Raises:
+          ValueError: no chain has reached the first rung.
+        """
+        chains = _snapshot(study)[0]
+        sign = -1.0 if study.direction == StudyDirection.MAXIMIZE else 1.0
+        levels = self.rung_levels + [self.max_resource]
+        for level in reversed(levels):
+            reached = [c for c in chains if level in c.curve
+                       and math.isfinite(c.curve[level])]
+            if reached:
+                best = min(reached, key=lambda c: (sign * c.curve[level],
+                                                   c.number))
+                return best.tip
+        raise ValueError("no configuration has reached the first rung "
+                         f"(resource {self.rung_levels[0]}) yet.")
+
+
+class ResumableObjective:
+    r"""An Optuna objective that trains chains of segments with pause and
+    resume (see the module docstring for the records it writes).
+
+    The user gives two functions: ``init(trial) -> state`` builds the
+    initial training state (call ``trial.suggest_*`` here; the parameters of
+    a continuation are the parent's) and ``step(trial, state, e) -> (state,
+    value)`` trains resource unit :math:`e \ge 1` and returns the new state
+    and the metric at resource :math:`e`. The state is any pytree of numeric
+    arrays that :func:`gradhpo.save_state` accepts (a
+    :class:`~gradhpo.BilevelState`, or a dict with the model, the data
+    position and the PRNG key): everything the loop needs to continue
+    exactly. The objective reports :math:`e` as the step, decides at every
+    rung, and checkpoints to ``checkpoint_dir`` (one file per chain, holding
+    the state and :math:`e`) when it pauses and every ``checkpoint_every``
+    units.
+
+    Args:
+      init: ``trial -> state``.
+      step: ``(trial, state, e) -> (state, value)``.
+      scheduler: a :class:`PausingScheduler`.
+      checkpoint_dir: an existing directory shared by all workers.
+      checkpoint_every: also checkpoint every this many units (bounds the
+        work a killed worker loses); None: only when pausing.
+      max_retries: a chain whose segments failed more often than this is
+        left failed.
+      on_report: optional ``(trial, e, value, max_resource)`` callback after
+        every report (logging).
+
+    Example:
+      >>> import tempfile, numpy as np, optuna
+      >>> from gradhpo.integrations.resume import (
+      ...     PausingScheduler, ResumableObjective)
+      >>> optuna.logging.set_verbosity(optuna.logging.WARNING)
+      >>> sched = PausingScheduler(1, 3, max_resource=9, kind="asha")
+      >>> def init(trial):
+      ...     trial.suggest_float("x", 0.0, 1.0)
+      ...     return {"w": np.zeros(())}
+      >>> def step(trial, state, e):
+      ...     w = state["w"] + 1.0                   # one unit of training
+      ...     return {"w": w}, trial.params["x"] + 1.0 / w
+      >>> objective = ResumableObjective(init, step, sched,
+      ...                                checkpoint_dir=tempfile.mkdtemp())
+      >>> study = optuna.create_study()
+      >>> for x in (0.3, 0.1, 0.2, 0.4):
+      ...     study.enqueue_trial({"x": x})
+      >>> study.optimize(objective, n_trials=6)
+      >>> for t in study.trials:
+      ...     print(t.number, t.params["x"], t.state.name,
+      ...           t.user_attrs["gradhpo:status"],
+      ...           t.user_attrs["gradhpo:parent"],
+      ...           t.user_attrs["gradhpo:start"], t.last_step)
+      0 0.3 PRUNED paused None 0 1
+      1 0.1 PRUNED paused None 0 3
+      2 0.2 PRUNED paused None 0 1
+      3 0.4 PRUNED paused None 0 1
+      4 0.2 PRUNED paused 2 1 3
+      5 0.1 COMPLETE complete 1 3 9
+
+    Trial 1 (x = 0.1) is promoted in place at rung 1 and pauses at 3,
+    alone there; trial 3 makes x = 0.2 promotable at rung 1, so it pauses
+    and trial 4 continues x = 0.2 from resource 1; at rung 3 x = 0.1 is now
+    promotable, and trial 5 trains it from 3 to 9, with the whole curve:
+
+      >>> sorted(study.trials[5].intermediate_values)
+      [1, 2, 3, 4, 5, 6, 7, 8, 9]
+      >>> sched.best_trial(study).params
+      {'x': 0.1}
+    """
+
+    def __init__(self, init: Callable[[Any], PyTree],
+                 step: Callable[[Any, PyTree, int], Tuple[PyTree, float]],
+                 scheduler: PausingScheduler, *, checkpoint_dir: str,
+                 checkpoint_every: Optional[int] = None,
+                 max_retries: int = 3,
+                 on_report: Optional[Callable] = None) -> None:
+        if not callable(init) or not callable(step):
+            raise TypeError("init and step must be callables.")
+        if not isinstance(scheduler, PausingScheduler):
+            raise TypeError("scheduler must be a PausingScheduler, got "
+                            f"{type(scheduler).__name__}.")
+        if not os.path.isdir(checkpoint_dir):
+            raise ValueError(f"checkpoint_dir {checkpoint_dir!r} is not an "
+                             "existing directory.")
+        if checkpoint_every is not None:
+            checkpoint_every = val.check_int(checkpoint_every,
+                                             "checkpoint_every", minimum=1)
+        self.init = init
+        self.step = step
+        self.scheduler = scheduler
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_every = checkpoint_every
+        self.max_retries = val.check_int(max_retries, "max_retries",
+                                         minimum=0)
+        self.on_report = on_report
+
+    # ------------------------------------------------------------ helpers
+    def checkpoint_path(self, study: "optuna.Study", chain: int) -> str:
+        """The checkpoint file of ``chain`` in ``study``."""
+        name = "".join(ch if ch.isalnum() or ch in "-_." else "_"
+                       for ch in study.study_name)
+        return os.path.join(self.checkpoint_dir, f"{name}-chain{chain}.npz")
+
+    def _save(self, trial, chain: int, state: PyTree, e: int) -> None:
+        save_state(self.checkpoint_path(trial.study, chain),
+                   {"state": state, "step": np.asarray(e, np.int64)})
+        trial.set_user_attr(SAVED, e)
+
+    @staticmethod
+    def _reap(study: "optuna.Study") -> None:
+        """Fails RUNNING segments whose worker process on this host is
+        gone (storages without a heartbeat)."""
+        host = socket.gethostname()
+        for t in study.get_trials(deepcopy=False,
+                                  states=(TrialState.RUNNING,)):
+            worker = t.user_attrs.get(WORKER)
+            if not worker or worker.get("host") != host:
+                continue
+            pid = worker.get("pid")
+            if pid == os.getpid() or _alive(pid):
+                continue
+            try:
+                study._storage.set_trial_state_values(
+                    t._trial_id, state=TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass
+
+    def _claim(self, study: "optuna.Study", winners: Dict,
+               parent: FrozenTrial, reason: str,
+               curve: Dict[int, float]) -> bool:
+        """Adds the continuation of ``parent`` unless one exists."""
+        chain = parent.user_attrs[CHAIN]
+        if (chain, parent.number) in winners:
+            return False
+        study.add_trial(optuna.trial.create_trial(
+            state=TrialState.WAITING, params=parent.params,
+            distributions=parent.distributions,
+            intermediate_values=curve,
+            user_attrs={CHAIN: chain, PARENT: parent.number,
+                        REASON: reason, SAVED: max(curve, default=0)}))
+        return True
+
+    def _service(self, study: "optuna.Study", chains, winners) -> None:
+        """Enqueues retries of crashed tips; returns how many."""
+        count = 0
+        for c in chains:
+            if c.status != "failed":
+                continue
+            fails = sum(s.state == TrialState.FAIL for s in c.segments)
+            if fails <= self.max_retries:
+                count += self._claim(study, winners, c.tip, "retry",
+                                     c.curve)
+        return count
+
+    def recover(self, study: "optuna.Study") -> int:
+        """Fails the segments of dead workers on this host and enqueues a
+        retry of every crashed chain; returns the number enqueued.
+
+        Segments do this themselves when they start and end; call it
+        before a last run over the queue (e.g. after all workers exited).
+        """
+        self._reap(study)
+        chains, winners = _snapshot(study)
+        return self._service(study, chains, winners)
+
+    # ------------------------------------------------------------ the loop
+    def __call__(self, trial: "optuna.Trial") -> float:
+        study = trial.study
+        sched = self.scheduler
+        self._reap(study)
+        attrs = trial.user_attrs
+        if CHAIN not in attrs:
+            trial.set_user_attr(CHAIN, trial.number)
+            trial.set_user_attr(PARENT, None)
+        chain = trial.user_attrs[CHAIN]
+        parent = trial.user_attrs.get(PARENT)
+        chains, winners = _snapshot(study)
+        if winners[(chain, parent)].number != trial.number:
+            trial.set_user_attr(STATUS, "duplicate")
+            raise optuna.TrialPruned("another trial continues this parent")
+        self._service(study, chains, winners)
+        trial.set_user_attr(WORKER, {"host": socket.gethostname(),
+                                     "pid": os.getpid()})
+        state = self.init(trial)
+        start = 0
+        path = self.checkpoint_path(study, chain)
+        if parent is not None and os.path.exists(path):
+            saved = load_state(path, {"state": state,
+                                      "step": np.asarray(0, np.int64)})
+            state, start = saved["state"], int(saved["step"])
+            have = trial.user_attrs.get(SAVED, 0)
+            if start > have:   # a crashed parent saved after its claim
+                source = study._storage.get_trial(
+                    study._storage.get_trial_id_from_study_id_trial_number(
+                        study._study_id, parent))
+                for e, v in sorted(source.intermediate_values.items()):
+                    if have < e <= start:
+                        trial.report(v, e)
+        trial.set_user_attr(START, start)
+        trial.set_user_attr(SAVED, start)
+        if parent is not None and start in sched.rung_levels and \
+                trial.user_attrs.get(REASON) == "retry":
+            # The crashed parent may not have decided at this rung.
+            if self._at_rung(trial, chain, state, start):
+                raise optuna.TrialPruned(f"paused at {start}")
+        value = math.nan
+        for e in range(start + 1, sched.max_resource + 1):
+            state, value = self.step(trial, state, e)
+            value = float(value)
+            trial.report(value, e)
+            if self.on_report is not None or sched.kind == "pasha":
+                chains, winners = _snapshot(study)
+                epsilon = sched._new_epsilon(chains, winners, e)
+                if epsilon is not None:
+                    trial.set_user_attr(EPSILON, list(epsilon))
+                recorded, top = sched._top(
+                    study, chains, winners,
+                    None if epsilon is None else epsilon[1])
+                if top > recorded:
+                    trial.set_user_attr(TOP, top)
+                if self.on_report is not None:
+                    self.on_report(trial, e, value,
+                                   sched.max_resource_for(top))
+            if e == sched.max_resource:
+                break
+            if e in sched.rung_levels:
+                if self._at_rung(trial, chain, state, e):
+                    raise optuna.TrialPruned(f"paused at {e}")
+            elif self.checkpoint_every and e % self.checkpoint_every == 0:
+                self._save(trial, chain, state, e)
+        trial.set_user_attr(STATUS, "complete")
+        chains, winners = _snapshot(study)
+        # The worker is free: promote as after a pause.
+        top = sched._top(study, chains, winners)[1]
+        best = sched._promote(study, chains, sched.max_resource_for(top))
+        if best is not None:
+            self._claim(study, winners, best.tip, "promoted", best.curve)
+        self._service(study, chains, winners)
+        return value
+
+    def _at_rung(self, trial, chain: int, state: PyTree, e: int) -> bool:
+        """Decides at rung ``e``; True: the segment pauses (already
+        checkpointed, marked and the promoted chain enqueued)."""
+        study = trial.study
+        sched = self.scheduler
+        chains, winners = _snapshot(study)
+        top = sched._top(study, chains, winners)[1]
+        best = sched._promote(study, chains, sched.max_resource_for(top),
+                              pausing=chain)
+        if best is not None and best.number == chain:
+            return False
+        self._save(trial, chain, state, e)
+        trial.set_user_attr(STATUS, "paused")
+        if best is not None:
+            self._claim(study, winners, best.tip, "promoted", best.curve)
+        self._service(study, chains, winners)
+        return True

@@ -69,12 +69,31 @@ one process, so the peak resident memory and the times of these rows are
 those of all devices together: compare their per-device bytes, not their
 peaks, with the one-device rows.
 
+Low-memory configurations (up to 10^9, see ``docs/memory_model.rst``):
+``--hyper-dtype bfloat16`` stores rho (and the outer optimizer's moments)
+in bfloat16, the parameters staying float32 (lambda = exp(rho) is then
+materialised once in bfloat16 inside the loss, or XLA would keep it in
+float32); ``--inner sgd`` is stateless ``sgd(0.02)`` (0.05 without momentum
+diverges on this problem); ``--outer sgd`` is plain SGD without moments
+(``--outer-lr``, default 1e5); ``--algorithms greedy`` adds ``Greedy`` with
+horizon 1. Rows carry ``param_dtype``, ``hyper_dtype``, ``inner``,
+``outer`` and ``devices``; their names append ``_sgd_sgd`` and ``_bf16``.
+``--compare-steps N`` runs N steps at ``--compare-size`` (10^6) with
+float32 and with bfloat16 hyperparameters from the same rho0 and reports
+how far they end apart; ``--plot`` writes bytes per hyperparameter and time
+per step against size; ``--merge-into`` replaces this run's rows (same
+name and size) in an existing report and keeps everything else.
+
 Example:
   python benchmarks/scaling.py --out benchmarks/results/scaling.json
   python benchmarks/scaling.py --quick            # 1e3..1e5, 2 steps
   python benchmarks/scaling.py --max-size 1e7 --algorithms t1t2_exact
   python benchmarks/scaling.py --devices 4 --min-size 1e6 --max-size 1e6 \\
       --algorithms t1t2_exact --donate off --out /tmp/scaling_4dev.json
+  python benchmarks/scaling.py --max-size 1e9 --algorithms t1t2_exact,greedy \\
+      --donate on --hyper-dtype bfloat16 --inner sgd --outer sgd \\
+      --steps 2 --min-seconds 0 --compare-steps 20 --plot /tmp/s.png \\
+      --out /tmp/scaling_1e9.json --merge-into benchmarks/results/scaling.json
 """
 
 import argparse
@@ -97,9 +116,19 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 else:  # pragma: no cover -- imported as benchmarks.scaling
     from benchmarks import _common as cm
 
-ALGORITHMS = ("t1t2_exact", "t1t2_fd", "hyperdistill")
+ALGORITHMS = ("t1t2_exact", "t1t2_fd", "hyperdistill")  # the default set
+#: every algorithm ``--algorithms`` accepts (greedy: ``gh.Greedy`` with
+#: horizon 1, the T1-T2 term through the generalized greedy code path)
+KNOWN = ALGORITHMS + ("greedy",)
 MARKER = "SCALING_RESULT "
 ITEMSIZE = 4  # float32
+#: bytes of one number of each dtype ``--hyper-dtype`` accepts
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+#: parameter-sized buffers of each inner optimizer's state, and
+#: hyperparameter-sized buffers of each outer optimizer's state
+INNER_BUFFERS = {"momentum": 1, "sgd": 0}
+OUTER_BUFFERS = {"adam": 2, "sgd": 0}
+DEFAULT_OUTER_LR = {"adam": 1e-2, "sgd": 1e5}
 
 #: Copies of P (parameters) and H (hyperparameters) per algorithm, with SGD
 #: + momentum inside and Adam outside. ``state_*``: what the state keeps
@@ -127,6 +156,39 @@ MODEL: Dict[str, Dict[str, Any]] = {
         "temporaries": "alpha (the validation gradient at the new w) "
                        "must outlive the new w* and the VJP at w*: 1P",
     },
+    "greedy": {
+        "state_P": 2, "state_H": 3, "temp_P": 1, "temp_H": 0,
+        "state": "w, momentum trace (2P); lambda, Adam mu, nu (3H)",
+        "temporaries": "the zero-initialised accumulator G and the "
+                       "validation gradient: 1P more than T1-T2",
+    },
+}
+
+#: Temporaries (P-sized, H-sized) of the other configurations, keyed by
+#: (algorithm, inner, outer, hyperparameter dtype), from XLA's buffer
+#: assignment at 1e7 (``XLA_FLAGS=--xla_dump_to``, CPU, jax 0.10.2). With
+#: plain SGD outside there is no H-sized float32 output buffer left for the
+#: validation gradient v, and with bfloat16 hyperparameters none of the
+#: (half as large) H-sized outputs can hold it: v then costs 1P.
+TEMPS: Dict[tuple, tuple] = {}
+for _h in DTYPE_BYTES:
+    TEMPS.update({("t1t2_exact", "sgd", "sgd", _h): (1, 0),
+                  ("t1t2_fd", "sgd", "sgd", _h): (2, 0),
+                  ("greedy", "sgd", "sgd", _h): (
+                      (2, 0) if _h == "float32" else (1, 0)),
+                  ("hyperdistill", "sgd", "sgd", _h): (
+                      (2, 0) if _h == "float32" else (1, 0))})
+TEMPS.update({("t1t2_exact", "momentum", "adam", "bfloat16"): (1, 0),
+              ("t1t2_fd", "momentum", "adam", "bfloat16"): (2, 0),
+              ("greedy", "momentum", "adam", "bfloat16"): (1, 0),
+              ("hyperdistill", "momentum", "adam", "bfloat16"): (1, 0)})
+#: Donated configurations where XLA writes the new state into the donated
+#: buffers (one state at the peak, not two): HyperDistill with SGD inside
+#: and outside and bfloat16 hyperparameters keeps a copy of the old w (1P),
+#: lambda = exp(rho) (1H) and a boolean finiteness mask (1 byte per P).
+DONATED: Dict[tuple, Dict[str, int]] = {
+    ("hyperdistill", "sgd", "sgd", "bfloat16"): {
+        "copies": 1, "temp_P": 1, "temp_H": 1, "mask_P": 1},
 }
 
 
@@ -137,18 +199,80 @@ def coefficients(alg: str) -> Dict[str, int]:
             "b": 2 * m["state_H"] + m["temp_H"]}
 
 
+def model_for(alg: str, inner: str = "momentum", outer: str = "adam",
+              hyper_dtype: str = "float32", donate: bool = False
+              ) -> Dict[str, Any]:
+    """The memory model of one configuration (float32 parameters).
+
+    ``peak = copies * state + temporaries + batches + c`` with ``state =
+    s_P state_P P + s_H state_H H`` and ``temporaries = s_P temp_P P +
+    s_H temp_H H + mask_P P``; ``a`` and ``b`` count the P- and H-sized
+    buffers (``peak = s_P a P + s_H b H + mask_P P + ...``).
+    """
+    hbytes = DTYPE_BYTES[hyper_dtype]
+    key = (alg, inner, outer, hyper_dtype)
+    default = (inner, outer, hyper_dtype) == ("momentum", "adam", "float32")
+    if default:
+        m = dict(MODEL[alg])
+    else:
+        state_P = 1 + INNER_BUFFERS[inner] + (alg == "hyperdistill")
+        state_H = 1 + OUTER_BUFFERS[outer]
+        temp_P, temp_H = TEMPS.get(key, (MODEL[alg]["temp_P"] + (
+            hbytes < ITEMSIZE), MODEL[alg]["temp_H"]))
+        m = {"state_P": state_P, "state_H": state_H, "temp_P": temp_P,
+             "temp_H": temp_H, "checked_with_xla": key in TEMPS,
+             "state": f"w{', w*' if alg == 'hyperdistill' else ''}"
+                      f"{', momentum trace' if inner == 'momentum' else ''}"
+                      f" ({state_P}P, float32); lambda"
+                      f"{', Adam mu, nu' if outer == 'adam' else ''} "
+                      f"({state_H}H, {hyper_dtype})",
+             "temporaries": f"{temp_P}P + {temp_H}H (XLA buffer "
+                            "assignment)"}
+    m.update(copies=2, mask_P=0)
+    if donate and key in DONATED:
+        m.update(DONATED[key])
+        m["temporaries"] = (f"donated: the new state is written in place; "
+                            f"{m['temp_P']}P (old w) + {m['temp_H']}H "
+                            f"(exp(rho)) + {m['mask_P']} byte per P (mask)")
+    m.update(a=m["copies"] * m["state_P"] + m["temp_P"],
+             b=m["copies"] * m["state_H"] + m["temp_H"],
+             param_itemsize=ITEMSIZE, hyper_itemsize=hbytes,
+             itemsize=ITEMSIZE, hyper_dtype=hyper_dtype,
+             param_dtype="float32", inner=inner, outer=outer,
+             donate=bool(donate and key in DONATED))
+    m["bytes_per_hyperparam"] = (ITEMSIZE * m["a"] + hbytes * m["b"]
+                                 + m["mask_P"])
+    return m
+
+
 def predicted_variable(alg: str, n_params: int, n_hyper: int,
-                       other_bytes: int = 0) -> int:
-    """The size-dependent part of the predicted peak, in bytes."""
-    c = coefficients(alg)
-    return ITEMSIZE * (c["a"] * n_params + c["b"] * n_hyper) + other_bytes
+                       other_bytes: int = 0, **config: Any) -> int:
+    """The size-dependent part of the predicted peak, in bytes
+    (``config``: the keyword arguments of :func:`model_for`)."""
+    m = model_for(alg, **config)
+    return (ITEMSIZE * m["a"] * n_params + m["mask_P"] * n_params
+            + m["hyper_itemsize"] * m["b"] * n_hyper + other_bytes)
+
+
+def config_name(alg: str, donate: bool, inner: str = "momentum",
+                outer: str = "adam", hyper_dtype: str = "float32",
+                devices: int = 1) -> str:
+    """The row name: ``t1t2_exact``, ``..._donated``, ``..._sgd_sgd_bf16``,
+    ``..._4dev``."""
+    parts = [alg] + ["donated"] * bool(donate)
+    if (inner, outer) != ("momentum", "adam"):
+        parts += [inner, outer]
+    parts += ["bf16"] * (hyper_dtype == "bfloat16")
+    parts += [f"{devices}dev"] * (devices > 1)
+    return "_".join(parts)
 
 
 # --------------------------------------------------------------------------
 # Worker: one (algorithm, donation, size) in this process.
 
 
-def _problem(size: int, inputs: int, batch: int):
+def _problem(size: int, inputs: int, batch: int,
+             hyper_dtype: str = "float32"):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -167,23 +291,41 @@ def _problem(size: int, inputs: int, batch: int):
         return (val_loss(w, rho, data)
                 + 0.5 * jnp.sum(jnp.exp(rho) * w ** 2))
 
+    def train_loss_low(w, rho, data):
+        # lambda = exp(rho) materialised once, in rho's dtype: otherwise
+        # XLA fuses the conversion to float32 into the exponential and
+        # keeps a float32 lambda between its uses (4 bytes per
+        # hyperparameter, instead of 2)
+        lam = jax.lax.optimization_barrier(jnp.exp(rho))
+        return val_loss(w, rho, data) + 0.5 * jnp.sum(lam * w ** 2)
+
     k = jax.random.split(jax.random.PRNGKey(0), 5)
-    w = jax.random.normal(k[0], (inputs, outputs)) * np.sqrt(1.0 / inputs)
-    rho = jnp.full((inputs, outputs), np.log(1e-4), jnp.float32)
+    # one fused program: no float32 copy of w besides the random bits
+    w = jax.jit(lambda key: jax.random.normal(key, (inputs, outputs))
+                * np.sqrt(1.0 / inputs))(k[0])
+    rho = jnp.full((inputs, outputs), np.log(1e-4), jnp.dtype(hyper_dtype))
     train = (jax.random.normal(k[1], (batch, inputs)),
              jax.random.normal(k[2], (batch, outputs)))
     val = (jax.random.normal(k[3], (batch, inputs)),
            jax.random.normal(k[4], (batch, outputs)))
-    return train_loss, val_loss, w, rho, train, val
+    loss = train_loss if hyper_dtype == "float32" else train_loss_low
+    return loss, val_loss, w, rho, train, val
 
 
-def _optimizer(alg, train_loss, val_loss):
+def _optimizer(alg, train_loss, val_loss, inner="momentum", outer="adam",
+               outer_lr=None):
     import optax
-    inner, outer = optax.sgd(0.05, momentum=0.9), optax.adam(1e-2)
+    inner = (optax.sgd(0.05, momentum=0.9) if inner == "momentum"
+             else optax.sgd(0.02))
+    lr = DEFAULT_OUTER_LR[outer] if outer_lr is None else outer_lr
+    outer = optax.adam(lr) if outer == "adam" else optax.sgd(lr)
     if alg == "hyperdistill":
         from gradhpo.algorithms.online import HyperDistill
         return HyperDistill(train_loss, val_loss, inner, outer, gamma=0.9,
                             theta=1.0)
+    if alg == "greedy":
+        from gradhpo.algorithms.greedy import Greedy
+        return Greedy(train_loss, val_loss, inner, outer, horizon=1)
     from gradhpo.algorithms.t1_t2 import T1T2
     mode = "exact" if alg == "t1t2_exact" else "finite_difference"
     return T1T2(train_loss, val_loss, inner, outer, hypergradient=mode)
@@ -231,6 +373,7 @@ def run_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     import jax.numpy as jnp
     import optax  # noqa: F401 -- imported by the baseline too
 
+    import gradhpo.algorithms.greedy  # noqa: F401
     import gradhpo.algorithms.online  # noqa: F401
     import gradhpo.algorithms.t1_t2  # noqa: F401
 
@@ -239,28 +382,35 @@ def run_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
         jax.block_until_ready(jnp.zeros(()) + 1)
         return {"alg": alg, "peak_bytes": cm.peak_rss_bytes(),
                 "rss_bytes": cm.proc_status_bytes("VmRSS")}
+    if alg == "compare":
+        return compare_dtypes(spec)
 
     size, donate = int(spec["size"]), bool(spec["donate"])
+    config = {k: spec.get(k, d) for k, d in (
+        ("inner", "momentum"), ("outer", "adam"),
+        ("hyper_dtype", "float32"))}
     start = time.perf_counter()
     train_loss, val_loss, w, rho, train, val = _problem(
-        size, spec["inputs"], spec["batch"])
-    opt = _optimizer(alg, train_loss, val_loss)
+        size, spec["inputs"], spec["batch"], config["hyper_dtype"])
+    opt = _optimizer(alg, train_loss, val_loss, config["inner"],
+                     config["outer"], spec.get("outer_lr"))
     if alg == "hyperdistill":
         state = opt.init(w, rho, batch=train)   # w* is its own buffer
     else:
         state = opt.init(w, rho)
     del w, rho
     jax.block_until_ready(state)
-    n_params = _nbytes(state.params) // ITEMSIZE
-    n_hyper = _nbytes(state.hyperparams) // ITEMSIZE
-    m = MODEL[alg]
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    n_hyper = sum(x.size for x in jax.tree.leaves(state.hyperparams))
+    m = model_for(alg, donate=donate, **config)
     state_bytes = _nbytes(state)  # counts w* even while it aliases w
     batch_bytes = _nbytes(train) + _nbytes(val)
-    # state entries that are not P or H (metadata, D*, keys), twice (old
-    # and new state), and the batches
-    state_other = state_bytes - ITEMSIZE * (m["state_P"] * n_params
-                                            + m["state_H"] * n_hyper)
-    other_bytes = 2 * state_other + batch_bytes
+    # state entries that are not P or H (metadata, D*, keys), once per
+    # state copy (old and new), and the batches
+    state_other = state_bytes - (ITEMSIZE * m["state_P"] * n_params
+                                 + m["hyper_itemsize"] * m["state_H"]
+                                 * n_hyper)
+    other_bytes = m["copies"] * state_other + batch_bytes
     devices = int(spec.get("devices", 1))
     shardings, per_device = None, state_bytes
     if devices > 1:
@@ -316,6 +466,9 @@ def run_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     return {
         "alg": alg, "donate": donate, "size": size,
         "n_params": n_params, "n_hyperparams": n_hyper,
+        "param_dtype": str(jax.tree.leaves(state.params)[0].dtype),
+        "hyper_dtype": str(jax.tree.leaves(state.hyperparams)[0].dtype),
+        "inner": config["inner"], "outer": config["outer"],
         "outputs": size // spec["inputs"],
         "state_bytes": state_bytes, "batch_bytes": batch_bytes,
         "other_bytes": other_bytes,
@@ -331,6 +484,66 @@ def run_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
         "devices": devices, "state_bytes_per_device": per_device,
         "hlo_full_gathers": full_gathers,
     }
+
+
+def compare_dtypes(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """``spec["steps"]`` steps of each algorithm with float32 and with
+    bfloat16 hyperparameters (and outer moments), from the same initial
+    values (rho0 rounded to bfloat16 for both), on the same batches; how
+    far the bfloat16 run ends from the float32 one."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    size, steps = int(spec["size"]), int(spec["steps"])
+    out: Dict[str, Any] = {"alg": "compare", "size": size, "steps": steps,
+                           "configs": []}
+    for inner, outer, lr in spec["configs"]:
+        for alg in spec["algorithms"]:
+            runs = {}
+            for dtype in ("float32", "bfloat16"):
+                train_loss, val_loss, w, rho, train, val = _problem(
+                    size, spec["inputs"], spec["batch"], dtype)
+                rho = rho.astype(jnp.bfloat16).astype(dtype)  # same rho0
+                opt = _optimizer(alg, train_loss, val_loss, inner, outer,
+                                 lr)
+                state = (opt.init(w, rho, batch=train)
+                         if alg == "hyperdistill" else opt.init(w, rho))
+                step = jax.jit(opt.step)
+                for _ in range(steps):
+                    state = step(state, train, val)
+                runs[dtype] = (np.asarray(state.hyperparams, np.float64),
+                               np.asarray(state.params, np.float64),
+                               float(state.metadata["val_loss"]),
+                               int(state.metadata["nonfinite_count"]))
+            rho0 = np.float64(np.asarray(jnp.asarray(
+                np.log(1e-4), jnp.bfloat16).astype(jnp.float32)))
+            (hf, wf, lf, nf), (hb, wb, lb, nb) = (runs["float32"],
+                                                  runs["bfloat16"])
+            moved_f, moved_b = hf - rho0, hb - rho0
+            norm = float(np.linalg.norm(moved_f))
+            out["configs"].append({
+                "alg": alg, "inner": inner, "outer": outer,
+                "outer_lr": DEFAULT_OUTER_LR[outer] if lr is None else lr,
+                "rho0": float(rho0),
+                "rel_diff_hyperparams": float(
+                    np.linalg.norm(hb - hf) / np.linalg.norm(hf)),
+                "rel_diff_update": (float(np.linalg.norm(moved_b - moved_f)
+                                          / norm) if norm > 0 else None),
+                "rms_update_float32": float(np.sqrt(np.mean(moved_f ** 2))),
+                "rms_update_bfloat16": float(np.sqrt(np.mean(moved_b
+                                                             ** 2))),
+                "frozen_fraction_bfloat16": float(np.mean(
+                    (moved_b == 0) & (moved_f != 0))),
+                "rel_diff_lambda": float(np.linalg.norm(
+                    np.exp(hb) - np.exp(hf)) / np.linalg.norm(np.exp(hf))),
+                "rel_diff_params": float(np.linalg.norm(wb - wf)
+                                         / np.linalg.norm(wf)),
+                "val_loss_float32": lf, "val_loss_bfloat16": lb,
+                "rel_diff_val_loss": abs(lb - lf) / abs(lf),
+                "nonfinite_float32": nf, "nonfinite_bfloat16": nb,
+            })
+    return out
 
 
 def _spawn(spec: Dict[str, Any], timeout: float) -> Dict[str, Any]:
@@ -371,7 +584,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-size", type=float, default=None,
                    help="largest size (default 1e8, quick 1e5)")
     p.add_argument("--algorithms", default=",".join(ALGORITHMS),
-                   help="comma-separated subset of " + ", ".join(ALGORITHMS))
+                   help="comma-separated subset of " + ", ".join(KNOWN)
+                   + " (greedy: Greedy with horizon 1)")
+    p.add_argument("--hyper-dtype", choices=tuple(DTYPE_BYTES),
+                   default="float32",
+                   help="dtype of the hyperparameters (and of the outer "
+                   "optimizer's moments); the parameters stay float32")
+    p.add_argument("--inner", choices=tuple(INNER_BUFFERS),
+                   default="momentum",
+                   help="inner optimizer: sgd(0.05, momentum=0.9) or "
+                   "stateless sgd(0.05)")
+    p.add_argument("--outer", choices=tuple(OUTER_BUFFERS), default="adam",
+                   help="outer optimizer: adam or plain sgd (no moments)")
+    p.add_argument("--outer-lr", type=float, default=None,
+                   help="outer learning rate (default: adam 1e-2, sgd 1e5, "
+                   "as the hypergradients are about 2e-8 here)")
+    p.add_argument("--compare-steps", type=int, default=0,
+                   help="also run this many steps with float32 and with "
+                   "bfloat16 hyperparameters at --compare-size and report "
+                   "how far they end apart (0: no comparison)")
+    p.add_argument("--compare-size", type=float, default=1e6)
+    p.add_argument("--plot", default=None,
+                   help="write a plot of peak bytes and time per step "
+                   "against size (PNG)")
+    p.add_argument("--merge-into", default=None,
+                   help="merge this run's rows into an existing report: "
+                   "rows with the same name and size are replaced, the "
+                   "others kept")
     p.add_argument("--donate", choices=("both", "on", "off"), default=None,
                    help="jit the step with donate_argnums=0, without, or "
                    "both (default both, quick off)")
@@ -422,10 +661,12 @@ def main(argv=None) -> Dict[str, Any]:
     min_seconds = (args.min_seconds if args.min_seconds is not None
                    else (0.0 if quick else 1.0))
     algs = [a for a in args.algorithms.split(",") if a]
-    unknown = set(algs) - set(ALGORITHMS)
+    unknown = set(algs) - set(KNOWN)
     if unknown:
         raise SystemExit(f"--algorithms: unknown {sorted(unknown)}; known: "
-                         f"{list(ALGORITHMS)}")
+                         f"{list(KNOWN)}")
+    config = {"inner": args.inner, "outer": args.outer,
+              "hyper_dtype": args.hyper_dtype}
     if args.devices < 1:
         raise SystemExit(f"--devices must be >= 1, got {args.devices}")
     donate = args.donate or ("off" if quick else "both")
@@ -435,9 +676,13 @@ def main(argv=None) -> Dict[str, Any]:
     date = datetime.datetime.now().isoformat(timespec="seconds")
     load_start = cm.load_average()
 
+    outer_lr = (DEFAULT_OUTER_LR[args.outer] if args.outer_lr is None
+                else args.outer_lr)
     print(f"scaling: linear model {args.inputs} x n/{args.inputs}, one L2 "
           f"hyperparameter per weight (P = H = n), batch {args.batch}, "
-          f"float32; sizes {', '.join(f'{n:.0e}' for n in sizes)}")
+          f"float32 parameters, {args.hyper_dtype} hyperparameters, inner "
+          f"{args.inner}, outer {args.outer}({outer_lr:g}); sizes "
+          f"{', '.join(f'{n:.0e}' for n in sizes)}")
     print(f"load average {load_start}; "
           f"{(cm.available_memory_bytes() or 0) / 1e9:.1f} GB available")
     base = _spawn({"alg": "baseline"}, args.timeout)
@@ -457,7 +702,8 @@ def main(argv=None) -> Dict[str, Any]:
                 combo = (alg, donate)
                 if combo in dead:
                     continue
-                guess = (predicted_variable(alg, size, size)
+                guess = (predicted_variable(alg, size, size, donate=donate,
+                                            **config)
                          + constant.get(combo, 0.0))
                 avail = cm.available_memory_bytes()
                 if avail is not None and guess > 0.9 * avail:
@@ -473,7 +719,8 @@ def main(argv=None) -> Dict[str, Any]:
                 res = _spawn({"alg": alg, "size": size, "donate": donate,
                               "batch": args.batch, "inputs": args.inputs,
                               "steps": steps, "min_seconds": min_seconds,
-                              "devices": args.devices},
+                              "devices": args.devices,
+                              "outer_lr": args.outer_lr, **config},
                              args.timeout)
                 if "error" in res:
                     print(f"  {alg:<13} donate={donate!s:<5} n={size:.0e}: "
@@ -486,7 +733,7 @@ def main(argv=None) -> Dict[str, Any]:
                 res["net_peak_bytes"] = res["peak_bytes"] - baseline
                 variable = predicted_variable(
                     alg, res["n_params"], res["n_hyperparams"],
-                    res["other_bytes"])
+                    res["other_bytes"], donate=donate, **config)
                 if combo not in constant:  # smallest size: the constant c
                     constant[combo] = max(0.0, res["net_peak_bytes"]
                                           - variable)
@@ -506,17 +753,30 @@ def main(argv=None) -> Dict[str, Any]:
 
     rows = [_row(r, args.large) for r in results]
     fits = _fits(rows, args.fit_min, args.large)
-    accel = _accelerator(algs, constant)
+    accel = _accelerator(algs, constant, config)
+    comparison = None
+    if args.compare_steps > 0:
+        comparison = _spawn({
+            "alg": "compare", "size": int(args.compare_size),
+            "steps": args.compare_steps, "inputs": args.inputs,
+            "batch": args.batch, "algorithms": algs,
+            "configs": [[args.inner, args.outer, args.outer_lr]]
+            + ([["momentum", "adam", None]]
+               if (args.inner, args.outer) != ("momentum", "adam")
+               else [])}, args.timeout)
     elapsed = time.perf_counter() - started
 
     print()
     print(format_table(rows))
     print()
-    print(format_model(algs))
+    print(format_model(algs, config))
     print()
     print(format_fits(fits, args.fit_min, args.large))
     print()
     print(format_accelerator(accel))
+    if comparison is not None:
+        print()
+        print(format_comparison(comparison))
     checked = [r for r in rows if r["model_checked"]]
     ok = all(r["model_within_20pct"] for r in checked)
     largest = max((r["n_hyperparams"] for r in rows), default=0)
@@ -541,7 +801,10 @@ def main(argv=None) -> Dict[str, Any]:
             "hyperparameters": "one L2 coefficient per weight, "
                                "lambda = exp(rho); P = H = n",
             "batch": args.batch, "inputs": args.inputs, "dtype": "float32",
-            "inner": "sgd(lr=0.05, momentum=0.9)", "outer": "adam(lr=0.01)",
+            "param_dtype": "float32", "hyper_dtype": args.hyper_dtype,
+            "inner": ("sgd(lr=0.05, momentum=0.9)"
+                      if args.inner == "momentum" else "sgd(lr=0.02)"),
+            "outer": f"{args.outer}(lr={outer_lr:g})",
             "sizes": sizes, "algorithms": algs,
             "donation": [bool(d) for d in donations], "steps": steps,
             "min_seconds": min_seconds, "quick": quick,
@@ -552,8 +815,7 @@ def main(argv=None) -> Dict[str, Any]:
                             load_average_start=load_start,
                             load_average_end=cm.load_average()),
         "baseline_peak_bytes": baseline,
-        "memory_model": {a: dict(MODEL[a], **coefficients(a),
-                                 itemsize=ITEMSIZE) for a in algs},
+        "memory_model": _model_report(algs, donations, config),
         "rows": rows,
         "fits": fits,
         "accelerator_80gb": accel,
@@ -562,9 +824,17 @@ def main(argv=None) -> Dict[str, Any]:
         "not_measured": failures,
         "seconds_total": elapsed,
     }
+    if comparison is not None:
+        report["bf16_vs_f32"] = comparison
     if args.out:
         cm.write_json(args.out, report)
         print(f"wrote {args.out}")
+    if args.plot and rows:
+        plot(rows, args.plot)
+        print(f"wrote {args.plot}")
+    if args.merge_into:
+        merge_report(args.merge_into, report)
+        print(f"merged {len(rows)} rows into {args.merge_into}")
     return report
 
 
@@ -575,10 +845,16 @@ def _row(r: Dict[str, Any], large: float) -> Dict[str, Any]:
     checked = r["n_hyperparams"] >= large
     xla = r.get("xla") or {}
     devices = r.get("devices", 1)
+    config = {k: r.get(k, d) for k, d in (
+        ("inner", "momentum"), ("outer", "adam"),
+        ("hyper_dtype", "float32"))}
     return {
-        "name": (f"{r['alg']}{'_donated' if r['donate'] else ''}"
-                 f"{f'_{devices}dev' if devices > 1 else ''}"),
+        "name": config_name(r["alg"], r["donate"], devices=devices,
+                            **config),
         "alg": r["alg"], "donate": r["donate"], "devices": devices,
+        "param_dtype": r.get("param_dtype", "float32"),
+        "hyper_dtype": config["hyper_dtype"],
+        "inner": config["inner"], "outer": config["outer"],
         "n_params": r["n_params"], "n_hyperparams": r["n_hyperparams"],
         "median_seconds": r["median_seconds"],
         "min_seconds": min(r["step_seconds"]),
@@ -644,15 +920,17 @@ def _fits(rows: List[Dict[str, Any]], fit_min: float, large: float
 
 
 def _accelerator(algs: List[str], constant: Dict[Any, float],
+                 config: Optional[Dict[str, str]] = None,
                  memory: float = 80e9) -> Dict[str, Dict[str, Any]]:
-    """What the model says an 80 GB device holds (P = H, float32)."""
+    """What the model says an 80 GB device holds (P = H; without
+    donation)."""
+    config = config or {}
     out = {}
     for alg in algs:
-        c = coefficients(alg)
         const = max([v for (a, _), v in constant.items() if a == alg],
                     default=0.0)
-        per = ITEMSIZE * (c["a"] + c["b"])
-        out[alg] = {
+        per = model_for(alg, **config)["bytes_per_hyperparam"]
+        out[config_name(alg, False, **config)] = {
             "bytes_per_hyperparam": per,
             "max_hyperparams": int((memory - const) // per),
             "peak_bytes_at_1e9": per * 1e9 + const,
@@ -688,15 +966,125 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def format_model(algs: List[str]) -> str:
-    lines = ["memory model (float32): peak = 4 (a P + b H) + batches + c"]
+def format_model(algs: List[str],
+                 config: Optional[Dict[str, str]] = None) -> str:
+    config = config or {}
+    h = DTYPE_BYTES[config.get("hyper_dtype", "float32")]
+    lines = [f"memory model (float32 parameters, {h}-byte hyperparameters):"
+             f" peak = 4 a P + {h} b H + batches + c"]
     for alg in algs:
-        m, c = MODEL[alg], coefficients(alg)
-        lines.append(f"  {alg:<13} a={c['a']} b={c['b']}  state: "
-                     f"{m['state']}")
-        lines.append(f"  {'':<13} step: the old and the new state, plus "
-                     f"{m['temporaries']}")
+        for donate in (False, True):
+            m = model_for(alg, donate=donate, **config)
+            if donate and not m["donate"]:
+                continue  # donation does not change this model
+            name = config_name(alg, donate, **config)
+            lines.append(f"  {name:<22} a={m['a']} b={m['b']}"
+                         + (f" +{m['mask_P']} B/P" if m["mask_P"] else "")
+                         + f" ({m['bytes_per_hyperparam']} B per "
+                         f"hyperparameter at P = H)  state: {m['state']}")
+            lines.append(f"  {'':<22} step: {m['copies']} state(s), plus "
+                         f"{m['temporaries']}")
     return "\n".join(lines)
+
+
+def _model_report(algs: List[str], donations: List[bool],
+                  config: Dict[str, str]) -> Dict[str, Dict[str, Any]]:
+    """The memory model of every configuration run, by row name without
+    the devices (default configuration: by algorithm, as before)."""
+    out = {}
+    for alg in algs:
+        for donate in donations:
+            m = model_for(alg, donate=donate, **config)
+            name = (alg if config_name(alg, False, **config) == alg
+                    else config_name(alg, donate and m["donate"], **config))
+            out.setdefault(name, m)
+    return out
+
+
+def format_comparison(comp: Dict[str, Any]) -> str:
+    if "error" in comp:
+        return f"bfloat16 against float32: FAILED, {comp['error']}"
+    lines = [f"bfloat16 against float32 hyperparameters, "
+             f"n={comp['size']:.0e}, {comp['steps']} steps from the same "
+             f"rho0 = {comp['configs'][0]['rho0']:.4f}:",
+             f"  {'case':<30} {'|d rho|/|rho|':>13} {'|d upd|/|upd|':>13} "
+             f"{'frozen':>7} {'|d lam|/|lam|':>13} {'|d w|/|w|':>10} "
+             f"{'d val/val':>10}"]
+    for c in comp["configs"]:
+        upd = c["rel_diff_update"]
+        lines.append(
+            f"  {c['alg'] + ' ' + c['inner'] + '/' + c['outer']:<30} "
+            f"{c['rel_diff_hyperparams']:>13.2e} "
+            f"{'' if upd is None else f'{upd:.3f}':>13} "
+            f"{c['frozen_fraction_bfloat16']:>7.3f} "
+            f"{c['rel_diff_lambda']:>13.2e} {c['rel_diff_params']:>10.2e} "
+            f"{c['rel_diff_val_loss']:>10.2e}")
+    lines.append("  d upd: the bfloat16 run's change of rho minus the "
+                 "float32 one, relative to the float32 change; frozen: "
+                 "share of entries the float32 run moved and the bfloat16 "
+                 "run did not")
+    return "\n".join(lines)
+
+
+def plot(rows: List[Dict[str, Any]], path: str) -> None:
+    """Net peak per hyperparameter and time per step against size."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name in dict.fromkeys(r["name"] for r in rows):
+        own = [r for r in rows if r["name"] == name]
+        n = [r["n_hyperparams"] for r in own]
+        line, = ax1.plot(n, [r["bytes_per_hyperparam"] for r in own], "o-",
+                         label=name)
+        ax1.plot(n, [r["predicted_bytes"] / r["n_hyperparams"]
+                     for r in own], "x--", color=line.get_color())
+        ax2.plot(n, [r["median_seconds"] for r in own], "o-", label=name,
+                 color=line.get_color())
+    ax1.set(xscale="log", yscale="log", xlabel="hyperparameters H (= P)",
+            ylabel="net peak bytes / H",
+            title="Peak memory per hyperparameter (x: model)")
+    ax2.set(xscale="log", yscale="log", xlabel="hyperparameters H (= P)",
+            ylabel="seconds per step (median)", title="Time per step")
+    ax1.legend(fontsize=7)
+    ax1.grid(True, which="both", alpha=0.3)
+    ax2.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def merge_report(path: str, report: Dict[str, Any]) -> Dict[str, Any]:
+    """Merges ``report``'s rows into the report at ``path``: rows with the
+    same name and size are replaced, every other row and top-level key is
+    kept; every row gains ``devices``, ``param_dtype`` and ``hyper_dtype``
+    (float32 where absent: the rows measured before these options). The
+    run itself is recorded under ``runs``."""
+    with open(path) as f:
+        old = json.load(f)
+    new_keys = {(r["name"], r["n_hyperparams"]) for r in report["rows"]}
+    rows = [r for r in old.get("rows", [])
+            if (r["name"], r["n_hyperparams"]) not in new_keys]
+    rows += report["rows"]
+    for r in rows:
+        r.setdefault("devices", 1)
+        r.setdefault("param_dtype", "float32")
+        r.setdefault("hyper_dtype", "float32")
+    old["rows"] = rows
+    for key in ("memory_model", "fits", "accelerator_80gb"):
+        old.setdefault(key, {}).update(report.get(key, {}))
+    run = {k: report[k] for k in (
+        "command", "date", "config", "environment", "baseline_peak_bytes",
+        "model_within_20pct_at_large_sizes", "largest_size",
+        "not_measured", "seconds_total") if k in report}
+    run["rows"] = sorted({r["name"] for r in report["rows"]})
+    runs = [r for r in old.get("runs", []) if r.get("command")
+            != run["command"]]
+    old["runs"] = runs + [run]
+    if "bf16_vs_f32" in report:
+        old["bf16_vs_f32"] = report["bf16_vs_f32"]
+    cm.write_json(path, old)
+    return old
 
 
 def format_fits(fits: Dict[str, Dict[str, Any]], fit_min: float,
@@ -714,8 +1102,8 @@ def format_fits(fits: Dict[str, Dict[str, Any]], fit_min: float,
 
 
 def format_accelerator(accel: Dict[str, Dict[str, Any]]) -> str:
-    lines = ["an 80 GB accelerator, by the memory model (P = H, float32; "
-             "not measured):"]
+    lines = ["an 80 GB accelerator, by the memory model (P = H, without "
+             "donation; not measured):"]
     for alg, a in accel.items():
         lines.append(
             f"  {alg:<13} {a['bytes_per_hyperparam']} B per hyperparameter: "

@@ -101,3 +101,66 @@ def test_population_quick(tmp_path):
         assert r["goal_speedup"] is None and r["pass"] is None  # n != 32
     assert report["goal"] == {"configurations": 32, "speedup": 5.0}
     assert report["all_goals_pass"] is None
+
+
+def test_scaling_quick_bfloat16_sgd(tmp_path):
+    """The low-memory configuration: bfloat16 hyperparameters, stateless
+    SGD inside and outside, donated; rows carry their dtypes and devices,
+    and the state holds exactly 4 bytes per weight and 2 per
+    hyperparameter."""
+    merged = tmp_path / "merged.json"
+    merged.write_text(json.dumps({
+        "benchmark": "scaling", "largest_size": 10 ** 8, "rows": [
+            {"name": "t1t2_exact", "n_hyperparams": 1000, "devices": 1},
+            {"name": "t1t2_exact_4dev", "n_hyperparams": 10 ** 6,
+             "devices": 4},
+            {"name": "greedy_donated_sgd_sgd_bf16", "n_hyperparams": 1000,
+             "stale": True}],
+        "sharded_rows": {"kept": True}}))
+    stdout, report = _run(tmp_path, "scaling", "--max-size", "1e4",
+                          "--algorithms", "t1t2_exact,greedy",
+                          "--donate", "on", "--hyper-dtype", "bfloat16",
+                          "--inner", "sgd", "--outer", "sgd",
+                          "--merge-into", str(merged))
+    assert "2-byte hyperparameters" in stdout
+    config = report["config"]
+    assert (config["param_dtype"], config["hyper_dtype"]) == (
+        "float32", "bfloat16")
+    assert config["inner"] == "sgd(lr=0.02)"
+    assert config["outer"] == "sgd(lr=100000)"
+    rows = report["rows"]
+    assert [(r["name"], r["n_hyperparams"]) for r in rows] == [
+        ("t1t2_exact_donated_sgd_sgd_bf16", 1000),
+        ("greedy_donated_sgd_sgd_bf16", 1000),
+        ("t1t2_exact_donated_sgd_sgd_bf16", 10000),
+        ("greedy_donated_sgd_sgd_bf16", 10000)]
+    model = report["memory_model"]
+    for r in rows:
+        n = r["n_hyperparams"]
+        assert (r["param_dtype"], r["hyper_dtype"], r["devices"]) == (
+            "float32", "bfloat16", 1)
+        assert (r["inner"], r["outer"], r["donate"]) == ("sgd", "sgd", True)
+        assert r["finite"] is True
+        # w (float32) and rho (bfloat16), no optimizer buffers; the rest
+        # is the step counter and the metadata scalars
+        extra = r["state_bytes"] - (4 * n + 2 * n)
+        assert 0 <= extra < 256, (r["name"], extra)
+        assert r["xla_argument_bytes"] >= r["state_bytes"]
+        m = model[r["name"].replace("_donated", "")]
+        assert (m["a"], m["b"], m["bytes_per_hyperparam"]) == (3, 2, 16)
+        assert (m["hyper_itemsize"], m["param_itemsize"]) == (2, 4)
+    assert report["accelerator_80gb"]["t1t2_exact_sgd_sgd_bf16"][
+        "bytes_per_hyperparam"] == 16
+    # merged: the stale row replaced, the others and top-level keys kept
+    out = json.loads(merged.read_text())
+    assert out["sharded_rows"] == {"kept": True}
+    assert out["largest_size"] == 10 ** 8
+    names = [(r["name"], r["n_hyperparams"]) for r in out["rows"]]
+    assert names[:2] == [("t1t2_exact", 1000), ("t1t2_exact_4dev", 10 ** 6)]
+    assert len(names) == 6 and len(set(names)) == 6
+    assert not any(r.get("stale") for r in out["rows"])
+    assert out["rows"][1]["devices"] == 4
+    assert all(r["hyper_dtype"] in ("float32", "bfloat16")
+               and r["param_dtype"] == "float32" for r in out["rows"])
+    assert out["runs"][-1]["rows"] == ["greedy_donated_sgd_sgd_bf16",
+                                       "t1t2_exact_donated_sgd_sgd_bf16"]

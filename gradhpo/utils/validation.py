@@ -317,7 +317,8 @@ def _check_numeric_tree(tree: PyTree, name: str, allow_int: bool,
                 f"{where} must be {what}, got None; give it a value or "
                 "remove the entry.")
         dtype = _leaf_dtype(leaf)
-        if dtype is None or not (np.issubdtype(dtype, np.number)
+        # jnp.issubdtype also classifies the ml_dtypes floats (bfloat16)
+        if dtype is None or not (jnp.issubdtype(dtype, np.number)
                                  or dtype == np.bool_):
             raise TypeError(f"{where} must be {what}, got {_describe(leaf)}.")
         if dtype == np.bool_:
@@ -325,13 +326,13 @@ def _check_numeric_tree(tree: PyTree, name: str, allow_int: bool,
                 f"{where} must be {what}, got a boolean"
                 + ("; use 0.0/1.0 to tune it or an int to hold it fixed."
                    if allow_int else "."))
-        if np.issubdtype(dtype, np.complexfloating):
+        if jnp.issubdtype(dtype, np.complexfloating):
             raise TypeError(f"{where} must be {what}, got complex dtype "
                             f"{dtype.name}; complex values are not supported.")
-        if np.issubdtype(dtype, np.integer) and not allow_int:
+        if jnp.issubdtype(dtype, np.integer) and not allow_int:
             raise TypeError(f"{where} must be {what}, got integer dtype "
                             f"{dtype.name}; write 1.0, not 1.")
-        if np.issubdtype(dtype, np.floating) and _nonfinite(leaf):
+        if jnp.issubdtype(dtype, np.floating) and _nonfinite(leaf):
             raise ValueError(f"{where} must be finite, got a value "
                              "containing NaN or inf.")
         dtypes.append(dtype)

@@ -20,6 +20,9 @@ from gradhpo.algorithms.t1_t2 import T1T2
 from gradhpo.algorithms.t1_t2 import T1T2State
 from gradhpo.algorithms.warm_start import OneShotWarmStart
 from gradhpo.algorithms.warm_start import OneShotWarmStartState
+from gradhpo.population import PopulationResult
+from gradhpo.population import PopulationSearch
+from gradhpo.population import PopulationState
 from gradhpo.utils.checkpoint import load_state
 from gradhpo.utils.checkpoint import save_state
 from gradhpo.utils.parallel import init_population
@@ -29,6 +32,20 @@ from gradhpo.utils.parallel import shard_batch
 from gradhpo.utils.parallel import shard_state
 
 __version__ = "0.2.0"
+
+# Optuna is optional: these names import gradhpo.integrations.resume (and
+# Optuna) on first access only.
+_LAZY = {"PausingScheduler": "gradhpo.integrations.resume",
+         "ResumableObjective": "gradhpo.integrations.resume",
+         "sqlite_storage": "gradhpo.integrations.resume"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'gradhpo' has no attribute {name!r}")
+
 
 __all__ = [
     "BilevelOptimizer",
@@ -43,6 +60,11 @@ __all__ = [
     "ImplicitState",
     "OneShotWarmStart",
     "OneShotWarmStartState",
+    "PausingScheduler",
+    "PopulationResult",
+    "PopulationSearch",
+    "PopulationState",
+    "ResumableObjective",
     "T1T2",
     "T1T2State",
     "init_population",
@@ -52,4 +74,5 @@ __all__ = [
     "save_state",
     "shard_batch",
     "shard_state",
+    "sqlite_storage",
 ]

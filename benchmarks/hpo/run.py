@@ -3,8 +3,8 @@
 Usage::
 
     python benchmarks/hpo/run.py --quick --out /tmp/hpo_quick     # < 60 s
-    python benchmarks/hpo/run.py --tasks hyper_cleaning --seeds 3 \\
-        --budgets 1,3,10 --out /tmp/hpo
+    python benchmarks/hpo/run.py --tasks hyper_cleaning l2_small_data \\
+        --seeds 5 --budgets 1,3,10 --out /tmp/hpo
 
 Writes ``OUT/hpo.json`` (``config``, ``environment``, ``rows``: one per
 task, method, budget and seed) and one PNG per task, and prints a table of
@@ -39,10 +39,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="digits, S=40, 1 seed, budgets 1,3 (< 60 s)")
-    p.add_argument("--tasks", nargs="+", default=["hyper_cleaning"],
-                   choices=sorted(tasks.TASKS))
+    p.add_argument("--tasks", nargs="+", default=list(tasks.TASKS),
+                   choices=list(tasks.TASKS),
+                   help="tasks to run (default: all)")
     p.add_argument("--methods", nargs="+", default=list(M.METHODS),
-                   choices=M.METHODS)
+                   choices=M.METHODS,
+                   help="methods to run where they apply (default: all)")
     p.add_argument("--seeds", type=int, default=None,
                    help="paired seeds 0..N-1 (default 1 quick, 3 full)")
     p.add_argument("--budgets", default=None,
@@ -52,12 +54,43 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=None,
                    help="folder of the MNIST t10k files (default "
                         "../shared/data/mnist from the repository root)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="run nothing: merge these hpo.json files (for "
+                        "example one per task) into OUT/hpo.json, with the "
+                        "table, the tests and the plots recomputed")
     p.add_argument("--out", required=True, help="output folder")
     return p.parse_args(argv)
 
 
+def finish(result: dict, out: str) -> dict:
+    """Adds the summary, the Wilcoxon tests and the plots to ``result``
+    (``config``, ``environment``, ``rows``), prints the table and writes
+    ``out/hpo.json``."""
+    rows = result["rows"]
+    summary = report.summarize(rows)
+    tests = report.wilcoxon_vs(rows)
+    print(report.format_table(summary, tests))
+    plots = report.plot(summary, result["config"].get("datasets", {}), out)
+    result = dict(config=result["config"],
+                  environment=result["environment"], summary=summary,
+                  wilcoxon_vs_tpe=tests,
+                  plots=[os.path.basename(p) for p in plots], rows=rows)
+    path = os.path.join(out, "hpo.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path} and {len(plots)} plot(s)")
+    return result
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    if args.merge:
+        parts = []
+        for path in args.merge:
+            with open(path) as f:
+                parts.append(json.load(f))
+        return finish(report.merge(parts), args.out)
     seeds = args.seeds or (1 if args.quick else 3)
     budgets = [int(b) for b in (args.budgets or
                                 ("1,3" if args.quick else "1,3,10")
@@ -67,7 +100,6 @@ def main(argv=None) -> dict:
     cfg = QUICK if args.quick else M.Config()
     if args.steps:
         cfg = dataclasses.replace(cfg, steps=args.steps)
-    os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
     rows, sources, datasets = [], {}, {}
     for name in args.tasks:
@@ -76,7 +108,10 @@ def main(argv=None) -> dict:
                                      data_dir=args.data_dir)
             sources.setdefault(name, []).append(task.source)
             datasets[name] = task.dataset
-            for method in args.methods:
+            problem = tasks.PROBLEMS[name]
+            for method in M.methods_of(problem):
+                if method not in args.methods:
+                    continue
                 for budget in budgets:
                     if method in M.REFERENCES and budget != 1:
                         continue
@@ -88,16 +123,15 @@ def main(argv=None) -> dict:
                           f"test acc {row['test_accuracy']:.4f}, "
                           f"{row['grad_evals']:.0f} G "
                           f"({row['seconds']:.1f} s)", flush=True)
-    summary = report.summarize(rows)
-    tests = report.wilcoxon_vs(rows)
-    table = report.format_table(summary, tests)
-    print(table)
-    plots = report.plot(summary, datasets, args.out)
     result = {
         "config": dict(
             dataclasses.asdict(cfg), quick=args.quick, tasks=args.tasks,
             methods=args.methods, seeds=seeds, budgets=budgets,
             datasets=datasets, data_sources=sources,
+            search_spaces={n: tasks.PROBLEMS[n].space for n in args.tasks},
+            gradhpo_methods={n: {m: list(a) for m, a in
+                                 tasks.PROBLEMS[n].gh_methods.items()}
+                             for n in args.tasks},
             budget_unit="budget B buys B * (S + n_val / (3 m)) G: B plain "
                         "S-step runs, each scored once on the validation "
                         "set",
@@ -113,16 +147,10 @@ def main(argv=None) -> dict:
             devices=[str(d) for d in jax.devices()],
             optuna=optuna.__version__, gradhpo=gradhpo.__version__,
             cpu_count=os.cpu_count()),
-        "summary": summary,
-        "wilcoxon_vs_tpe": tests,
-        "plots": [os.path.basename(p) for p in plots],
         "rows": rows,
     }
-    with open(os.path.join(args.out, "hpo.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {os.path.join(args.out, 'hpo.json')} and "
-          f"{len(plots)} plot(s) in {result['config']['total_seconds']:.1f}"
-          " s")
+    result = finish(result, args.out)
+    print(f"total {result['config']['total_seconds']:.1f} s")
     return result
 
 

@@ -1,10 +1,13 @@
-"""Sphinx extension that fills three gradhpo pages in at build time.
+"""Sphinx extension that fills four gradhpo pages in at build time.
 
 * ``.. public-api::`` — an autosummary table (with one generated page per
   entry under ``api/generated/``) of every name in ``gradhpo.__all__``, so a
   name added to ``__all__`` is documented without touching the docs.
 * ``.. benchmark-results::`` — tables built from ``benchmarks/results/*.json``
-  (or "not yet measured" when there are none).
+  except the HPO benchmark's ``hpo*.json`` (or "not yet measured" when
+  there are none).
+* ``.. hpo-results::`` — the HPO benchmark's tables (per task, method by
+  budget, and its Wilcoxon tests), from ``benchmarks/results/hpo.json``.
 * ``.. changelog::`` — ``CHANGELOG.md`` shown verbatim (Keep-a-Changelog
   markdown; there is no markdown parser in the docs dependencies).
 
@@ -134,6 +137,10 @@ def _escape(text):
         "\n", " ")
 
 
+#: Lists longer than this are shown by their length and ends in a cell.
+LONG_LIST = 12
+
+
 def _format(value):
     if value is None:
         return "n/a"
@@ -145,6 +152,9 @@ def _format(value):
         return f"{value:.4g}"
     if isinstance(value, (int, str)):
         return str(value)
+    if isinstance(value, list) and len(value) > LONG_LIST:
+        return (f"{len(value)} values: {_format(value[0])}, "
+                f"{_format(value[1])}, ..., {_format(value[-1])}")
     return json.dumps(value, sort_keys=True, separators=(", ", ": "))
 
 
@@ -208,7 +218,9 @@ class BenchmarkResults(SphinxDirective):
         _mark_dynamic(self.env, self.env.docname)
         relative = self.options.get("path", "benchmarks/results")
         folder = repository_root(self.env.app) / relative
-        files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+        files = sorted(path for path in folder.glob("*.json")
+                       if not path.name.startswith("hpo")
+                       ) if folder.is_dir() else []
         if not files:
             text = (f"Not yet measured: there are no results in "
                     f"``{relative}/``. Run the benchmarks (see above) and "
@@ -230,6 +242,68 @@ class BenchmarkResults(SphinxDirective):
     def _parse(self, lines):
         container = nodes.container(classes=["benchmark-results"])
         self.state.nested_parse(StringList(lines, source="benchmarks"),
+                                self.content_offset, container)
+        return [container]
+
+
+class HpoResults(SphinxDirective):
+    """Per task, a table of test accuracy and one of test loss (mean ± std
+    over seeds, method by budget), and the Wilcoxon tests, from the HPO
+    benchmark's ``hpo.json`` (its ``summary`` and ``wilcoxon_vs_tpe``)."""
+
+    has_content = False
+    option_spec = {"path": directives.unchanged}
+
+    def run(self):
+        _mark_dynamic(self.env, self.env.docname)
+        relative = self.options.get("path", "benchmarks/results/hpo.json")
+        path = repository_root(self.env.app) / relative
+        if not path.is_file():
+            return self._parse([f"Not yet measured: ``{relative}`` does not "
+                                "exist."])
+        self.env.note_dependency(str(path))
+        data = json.loads(path.read_text(encoding="utf-8"))
+        summary, tests = data["summary"], data.get("wilcoxon_vs_tpe", [])
+        datasets = data["config"].get("datasets", {})
+        lines = []
+        for task in sorted({s["task"] for s in summary}):
+            rows = [s for s in summary if s["task"] == task]
+            budgets = sorted({s["budget"] for s in rows})
+            methods = list(dict.fromkeys(s["method"] for s in rows))
+            seeds = max(s["seeds"] for s in rows)
+            lines += [f".. rubric:: {_escape(task)} "
+                      f"({_escape(datasets.get(task, '?'))})", ""]
+            for key, what, digits in (("acc", "test accuracy", 4),
+                                      ("loss", "test loss", 4)):
+                table = []
+                for method in methods:
+                    cells = {"method": method}
+                    for budget in budgets:
+                        hit = [s for s in rows if s["method"] == method
+                               and s["budget"] == budget]
+                        cells[f"{budget}x"] = (
+                            f"{hit[0][key + '_mean']:.{digits}f} ± "
+                            f"{hit[0][key + '_std']:.{digits}f}"
+                            if hit else "")
+                    table.append(cells)
+                lines += _list_table(
+                    table, caption=f"{task}: {what}, mean ± std over "
+                                   f"{seeds} seeds", first_column="method")
+            mine = [t for t in tests if t["task"] == task]
+            if mine:
+                lines += _list_table(
+                    [{"method": t["method"], "budget": f"{t['budget']}x",
+                      "mean difference": f"{t['mean_difference']:+.4f}",
+                      "p": f"{t['p_value']:.3g}", "seeds": t["seeds"]}
+                     for t in mine],
+                    caption=f"{task}: paired difference in test accuracy "
+                            "against tpe (two-sided Wilcoxon)",
+                    first_column="method")
+        return self._parse(lines)
+
+    def _parse(self, lines):
+        container = nodes.container(classes=["benchmark-results"])
+        self.state.nested_parse(StringList(lines, source="hpo"),
                                 self.content_offset, container)
         return [container]
 
@@ -299,6 +373,7 @@ def setup(app):
     app.connect("env-merge-info", _merge)
     app.add_directive("public-api", PublicApi)
     app.add_directive("benchmark-results", BenchmarkResults)
+    app.add_directive("hpo-results", HpoResults)
     app.add_directive("changelog", Changelog)
     return {"version": "1", "parallel_read_safe": True,
             "parallel_write_safe": True}

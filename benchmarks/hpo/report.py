@@ -213,3 +213,35 @@ def plot(summary: Sequence[Dict], datasets: Dict[str, str],
 
 def finite(x) -> bool:
     return isinstance(x, float) and math.isfinite(x)
+
+
+def headline(summary: Sequence[Dict], budgets=(3, 10)) -> str:
+    """A markdown table for a summary: per task and budget, the best
+    gradhpo method, ``tpe``, and the best of the other non-gradhpo rows
+    (Optuna and ``default_full_budget``), by mean test accuracy (loss in
+    brackets), with the gradhpo margin over the better baseline."""
+    lines = ["| task | budget | best gradhpo | tpe | best other baseline "
+             "| gradhpo − best baseline |", "|---|---|---|---|---|---|"]
+    for task in sorted({s["task"] for s in summary}):
+        for budget in budgets:
+            rows = [s for s in summary if s["task"] == task
+                    and s["budget"] == budget]
+            if not rows:
+                continue
+            gh = max((s for s in rows if s["method"].startswith("gh_")),
+                     key=lambda s: s["acc_mean"])
+            tpe = [s for s in rows if s["method"] == "tpe"]
+            others = [s for s in rows if not s["method"].startswith("gh_")
+                      and s["method"] != "tpe"]
+            base = max(tpe + others, key=lambda s: s["acc_mean"])
+            other = max(others, key=lambda s: s["acc_mean"])
+
+            def cell(s):
+                return (f"{s['method']} {s['acc_mean']:.4f} "
+                        f"({s['loss_mean']:.3f})")
+            lines.append(
+                f"| {task} | {budget}× | {cell(gh)} | "
+                f"{tpe[0]['acc_mean']:.4f} ({tpe[0]['loss_mean']:.3f}) | "
+                f"{cell(other)} | "
+                f"{100 * (gh['acc_mean'] - base['acc_mean']):+.2f} points |")
+    return "\n".join(lines)

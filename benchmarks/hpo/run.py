@@ -47,6 +47,9 @@ def parse_args(argv=None):
                    help="methods to run where they apply (default: all)")
     p.add_argument("--seeds", type=int, default=None,
                    help="paired seeds 0..N-1 (default 1 quick, 3 full)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="the first seed (seeds FIRST..FIRST+N-1), to add "
+                        "seeds to an earlier run with --merge")
     p.add_argument("--budgets", default=None,
                    help="comma-separated multiples of S (default 1,3 "
                         "quick, 1,3,10 full)")
@@ -103,7 +106,7 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     rows, sources, datasets = [], {}, {}
     for name in args.tasks:
-        for seed in range(seeds):
+        for seed in range(args.first_seed, args.first_seed + seeds):
             task = tasks.TASKS[name](seed, quick=args.quick,
                                      data_dir=args.data_dir)
             sources.setdefault(name, []).append(task.source)
@@ -126,7 +129,8 @@ def main(argv=None) -> dict:
     result = {
         "config": dict(
             dataclasses.asdict(cfg), quick=args.quick, tasks=args.tasks,
-            methods=args.methods, seeds=seeds, budgets=budgets,
+            methods=args.methods, seeds=seeds, first_seed=args.first_seed,
+            budgets=budgets,
             datasets=datasets, data_sources=sources,
             search_spaces={n: tasks.PROBLEMS[n].space for n in args.tasks},
             gradhpo_methods={n: {m: list(a) for m, a in

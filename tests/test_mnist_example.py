@@ -4,7 +4,6 @@ resume after SIGKILL."""
 import json
 import os
 import pathlib
-import re
 import signal
 import subprocess
 import sys
@@ -16,46 +15,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
 sys.path.insert(0, str(ROOT / "examples"))
-
-
-#: "Verdict: [the baseline ]WINNER wins on METRIC (V at G G), ahead of the
-#: runner-up, [the baseline ]SECOND (V at G G), by MARGIN; ..." (or a tie:
-#: "Verdict: A and B tie on METRIC (...; margin M)").
-VERDICT = re.compile(
-    r"^Verdict: (?:the baseline )?(?P<first>.+?)"
-    r"(?: wins on .+?, ahead of the runner-up, (?:the baseline )?"
-    r"(?P<second>.+?) \(\d.*?\), by (?P<margin>[0-9.]+);"
-    r"| and (?:the baseline )?(?P<tied>.+?) tie on .+?; margin "
-    r"(?P<tie_margin>[0-9.]+)\);)", re.M)
-
-
-def check_verdict(out, rows, metric, higher_is_better=True):
-    """The verdict line names the best row of ``rows`` (from results.json)
-    and the runner-up, and prints their difference as the margin."""
-    match = VERDICT.search(out)
-    assert match, out
-    ranked = sorted(rows, key=lambda r: r[metric],
-                    reverse=higher_is_better)
-    value = {r["method"]: r[metric] for r in rows}
-    first = match["first"]
-    second = match["second"] or match["tied"]
-    margin = float(match["margin"] or match["tie_margin"])
-    assert value[first] == ranked[0][metric], (first, ranked)
-    assert value[second] == ranked[1][metric], (second, ranked)
-    assert margin == pytest.approx(abs(value[first] - value[second]),
-                                   abs=5e-4)
-    return first
-
-
-def check_saved_line(out, files):
-    match = re.search(r"^Saved in (.+): (.+)$", out, re.M)
-    assert match, out
-    folder = pathlib.Path(match[1])
-    assert folder.is_absolute() and folder.is_dir()
-    assert match[2].split(", ") == files
-    for name in files:
-        assert (folder / name).stat().st_size > 0, name
-    return folder
+from example_checks import check_saved_line, check_verdict  # noqa: E402
 
 
 def test_quick_run_table_and_plots(tmp_path, capsys):

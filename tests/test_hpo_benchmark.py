@@ -59,6 +59,9 @@ def _per_step(method, task, cfg, m_val):
     val = m_val / cfg.batch_size
     if algorithm in ("t1t2", "greedy"):
         return 1 + cost.SECOND_ORDER + val
+    if algorithm == "hyperdistill":
+        # one more training gradient, at the distilled weights and batch
+        return 2 + cost.SECOND_ORDER + val
     if algorithm == "forward_mode":
         # one JVP of the inner step per hyperparameter coordinate
         return 1 + cost.SECOND_ORDER * _hyper_count(method, task) + val
@@ -167,6 +170,7 @@ def test_population_rows_charge_members_rungs_and_survivor(quick):
 @pytest.mark.parametrize("name,method", [
     ("hyper_cleaning", "gh_t1t2"), ("hyper_cleaning", "gh_greedy"),
     ("hyper_cleaning", "gh_implicit"), ("lr_momentum_wd", "gh_forward_mode"),
+    ("augmentation", "gh_hyperdistill"),
     ("l2_small_data", "gh_implicit_per_weight")])
 def test_library_count_of_a_short_run(name, method):
     """A short run's metadata equals cost.py's rules (an independent
@@ -182,8 +186,8 @@ def test_library_count_of_a_short_run(name, method):
     val_order = M.batch_order(task.n_val, cfg.batch_size, steps,
                               M._rng(0, 2, 0))
     batches = M._Batches(task, per_call, order, val_order)
-    state = opt.init(problem.init_params(task),
-                     M._gh_start(method, problem, task))
+    state = M._init(opt, method, problem, task,
+                    M._gh_start(method, problem, task), batches)
     for c in range(2 * calls):
         state = opt.step(state, *batches.call(c * per_call))
     counted = float(state.metadata["grad_evals"])

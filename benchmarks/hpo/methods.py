@@ -89,6 +89,9 @@ class Config:
       steps: :math:`S`, the training length of a tested model.
       batch_size: :math:`m`, training (and hyper-step validation) batch.
       greedy_horizon: inner steps per ``gh.Greedy`` call.
+      hyperdistill_gamma: ``gh.HyperDistill``'s gamma (its theta stays
+        1: ``estimate_theta`` is not run, so that nothing outside the
+        counted budget is spent).
       implicit_interval, implicit_terms: ``gh.Implicit``'s
         ``hyper_interval`` and CG iterations.
       tpe_startup: TPE's random start-up trials.
@@ -97,6 +100,7 @@ class Config:
     steps: int = 500
     batch_size: int = 100
     greedy_horizon: int = 5
+    hyperdistill_gamma: float = 0.99
     implicit_interval: int = 10
     implicit_terms: int = 5
     tpe_startup: int = 3
@@ -132,8 +136,9 @@ def _train_impl(problem, params, opt_state, hyperparams, x, y, order,
     def body(carry, inputs):
         p, s = carry
         idx, step = inputs
-        g = jax.grad(problem.train_loss)(p, hyperparams,
-                                         (x[idx], y[idx], idx, step))
+        g = jax.grad(problem.train_loss)(
+            p, hyperparams,
+            (x[idx], y[idx], idx, jnp.full(idx.shape, step, jnp.int32)))
         u, s = tx.update(g, s, p)
         return (optax.apply_updates(p, u), s), None
     steps = start + jnp.arange(order.shape[0], dtype=jnp.int32)
@@ -147,7 +152,11 @@ _opt_init = jax.jit(lambda problem, params, hp:
 
 @jax.jit
 def _gather(x, y, idx, step):
-    return x[idx], y[idx], idx, step
+    """A batch ``(x, y, index, step)``; the step number is repeated per
+    example, so that every leaf has the batch axis (HyperDistill mixes
+    batches row by row)."""
+    return (x[idx], y[idx], idx,
+            jnp.broadcast_to(step[..., None], idx.shape).astype(jnp.int32))
 
 
 class Ledger:
@@ -251,6 +260,8 @@ def make_optimizer(method: str, problem: tasks.Problem, cfg: Config
         return gh.Greedy(*args, horizon=cfg.greedy_horizon, gamma=0.9)
     if algorithm == "forward_mode":
         return gh.ForwardMode(*args)
+    if algorithm == "hyperdistill":
+        return gh.HyperDistill(*args, gamma=cfg.hyperdistill_gamma)
     if algorithm == "implicit":
         return gh.Implicit(*args, solver="cg", terms=cfg.implicit_terms,
                            hyper_interval=cfg.implicit_interval)
@@ -290,6 +301,16 @@ class _Batches:
         return tr, (vx, vy)
 
 
+def _init(opt, method, problem, task, hyperparams, batches, seed=0):
+    """``opt.init`` at the seed's initial weights; HyperDistill also gets
+    a training batch (the shapes of its distilled batch) and a key."""
+    params = problem.init_params(task)
+    if problem.gh_methods[method][0] == "hyperdistill":
+        return opt.init(params, hyperparams, batch=batches.call(0)[0],
+                        key=jax.random.PRNGKey(seed))
+    return opt.init(params, hyperparams)
+
+
 def _gh_start(method, problem, task):
     return problem.gh_init(task, problem.gh_methods[method][1])
 
@@ -304,8 +325,8 @@ def probe_block_cost(opt, method, problem, task, cfg) -> float:
     val_order = batch_order(task.n_val, cfg.batch_size, calls * per_call,
                             _rng(0, 10))
     batches = _Batches(task, per_call, order, val_order)
-    state = opt.init(problem.init_params(task),
-                     _gh_start(method, problem, task))
+    state = _init(opt, method, problem, task, _gh_start(method, problem,
+                                                        task), batches)
     for c in range(calls):
         state = opt.step(state, *batches.call(c * per_call))
     return float(state.metadata["grad_evals"])
@@ -329,7 +350,7 @@ def run_gradhpo(method: str, problem: tasks.Problem, task: tasks.Task,
         val_order = batch_order(task.n_val, cfg.batch_size, cfg.steps,
                                 _rng(seed, 2, rnd))
         batches = _Batches(task, per_call, order, val_order)
-        state = opt.init(problem.init_params(task), hp)
+        state = _init(opt, method, problem, task, hp, batches, seed)
         done, planned = 0, 0.0
         while (done + block_steps <= cfg.steps
                and led.left() - planned >= block_cost

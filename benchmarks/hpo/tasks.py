@@ -52,7 +52,8 @@ proportions.
 
 Validation loss (every task): the plain mean cross-entropy. A training
 batch is ``(x, y, index, step)``: inputs, labels, indices into the
-training set and the step's number within its run (used only by
+training set and the step's number within its run, repeated per
+example so that every leaf has the batch axis (used only by
 ``augmentation``).
 """
 
@@ -389,7 +390,8 @@ HYPER_CLEANING = Problem(
     default=_hc_default, suggest=_hc_suggest,
     gh_methods={"gh_t1t2": ("t1t2", "per_example"),
                 "gh_greedy": ("greedy", "per_example"),
-                "gh_implicit": ("implicit", "per_example")},
+                "gh_implicit": ("implicit", "per_example"),
+                "gh_hyperdistill": ("hyperdistill", "per_example")},
     gh_init=lambda task, variant: _hc_default(task), hyper_lr=0.1,
     space="one weight in [0, 1] per training example (uniform)",
     oracle=_hc_oracle, diagnostics=_hc_diagnostics)
@@ -464,7 +466,8 @@ L2_SMALL_DATA = Problem(
                 "gh_greedy": ("greedy", "per_layer"),
                 "gh_forward_mode": ("forward_mode", "per_layer"),
                 "gh_implicit": ("implicit", "per_layer"),
-                "gh_implicit_per_weight": ("implicit", "per_weight")},
+                "gh_implicit_per_weight": ("implicit", "per_weight"),
+                "gh_hyperdistill": ("hyperdistill", "per_layer")},
     gh_init=_l2_gh_init, hyper_lr=0.05,
     space=(f"one L2 penalty per layer ({L2_LAYERS}), log-uniform in "
            f"[{L2_RANGE[0]:g}, {L2_RANGE[1]:g}]"),
@@ -535,7 +538,8 @@ LR_MOMENTUM_WD = Problem(
     default=_lr_default, suggest=_lr_suggest,
     gh_methods={"gh_t1t2": ("t1t2", "scalar"),
                 "gh_greedy": ("greedy", "scalar"),
-                "gh_forward_mode": ("forward_mode", "scalar")},
+                "gh_forward_mode": ("forward_mode", "scalar"),
+                "gh_hyperdistill": ("hyperdistill", "scalar")},
     gh_init=lambda task, variant: _lr_default(task), hyper_lr=0.05,
     space=(f"learning rate log-uniform in [{LR_RANGE[0]:g}, "
            f"{LR_RANGE[1]:g}], momentum uniform in [{MOMENTUM_RANGE[0]:g}, "
@@ -627,7 +631,8 @@ def _aug_values(hyperparams):
 
 def _aug_train_loss(params, hyperparams, batch):
     """Label-smoothed cross-entropy of the augmented batch."""
-    x, y, idx, step = batch
+    x, y, idx, steps = batch
+    step = steps.reshape(-1)[0]     # the step number, repeated per example
     m_shift, m_noise, eps = _aug_values(hyperparams)
     images = _images(x)
     del idx
@@ -679,7 +684,8 @@ AUGMENTATION = Problem(
     suggest=_aug_suggest,
     gh_methods={"gh_t1t2": ("t1t2", "scalar"),
                 "gh_greedy": ("greedy", "scalar"),
-                "gh_forward_mode": ("forward_mode", "scalar")},
+                "gh_forward_mode": ("forward_mode", "scalar"),
+                "gh_hyperdistill": ("hyperdistill", "scalar")},
     gh_init=lambda task, variant: _aug_default(task), hyper_lr=0.05,
     space=(f"shift and noise magnitudes uniform in [0, 1] (at most "
            f"{MAX_SHIFT:g} pixels and {MAX_NOISE:g} pixel std), label "

@@ -41,9 +41,10 @@ gathered into smaller arrays) instead of masking dead members, so the
 compute of a stage is proportional to its live members; the price is one
 compilation of the step (and of the scoring) per distinct population size,
 that is at most :math:`\lceil\log_\eta N\rceil + 1` of each. PBT keeps the
-size, so one of each. The compiled functions belong to the optimizer's
-configuration (and the score function), so a second search with the same
-optimizer and sizes compiles nothing.
+size, so one of each. The compiled functions belong to the search and
+are freed with it (a cache keyed by the optimizer would keep every
+optimizer, and what its losses close over, alive): build one search and
+reuse it rather than a new one per run.
 
 **Cost.** The population's count, :attr:`PopulationState.grad_evals`, adds
 after every step what the live members' ``metadata["grad_evals"]`` grew by
@@ -173,9 +174,13 @@ class PopulationResult(NamedTuple):
     population: PopulationState
 
 
-# -- compiled pieces (shared by equal optimizers and score functions) -------
+# -- compiled pieces ----------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnums=0)
+# ``_population_step`` and ``_population_scores`` are jitted per search
+# (in ``PopulationSearch.__init__``), not here with the optimizer as a
+# static argument: jax.jit's cache would keep every optimizer ever used,
+# with everything its losses close over, alive after the user drops it.
+
 def _population_step(optimizer, pop: PopulationState, train_batch,
                      val_batch) -> PopulationState:
     members = jax.vmap(optimizer.step, in_axes=(0, None, None))(
@@ -186,7 +191,6 @@ def _population_step(optimizer, pop: PopulationState, train_batch,
         pop.grad_evals + spent).astype(pop.grad_evals.dtype))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
 def _population_scores(optimizer, score_fn, members: BilevelState,
                        batch) -> jax.Array:
     def by_val_loss(params, hyperparams):
@@ -317,6 +321,11 @@ class PopulationSearch:
         self.perturbation = perturbation
         self.perturb_scale = val.check_real(perturb_scale, "perturb_scale",
                                             low=0.0)
+        # compiled with the search and freed with it (one compilation per
+        # population size)
+        self._step = jax.jit(functools.partial(_population_step, optimizer))
+        self._scores = jax.jit(functools.partial(_population_scores,
+                                                 optimizer, score_fn))
 
     def __repr__(self) -> str:
         return (f"PopulationSearch({self.optimizer!r}, size={self.size}, "
@@ -368,8 +377,7 @@ class PopulationSearch:
         """One step of every live member on the same batches (one jitted,
         vmapped call, compiled once per population size)."""
         _check_population(population)
-        return _population_step(self.optimizer, population, train_batch,
-                                val_batch)
+        return self._step(population, train_batch, val_batch)
 
     def scores(self, population: PopulationState,
                score_batch: Optional[DataBatch] = None) -> jax.Array:
@@ -380,8 +388,8 @@ class PopulationSearch:
             raise ValueError(
                 "score_batch must be given (a validation batch) when the "
                 "search has no score_fn.")
-        out = _population_scores(
-            self.optimizer, self.score_fn, population.members,
+        out = self._scores(
+            population.members,
             None if self.score_fn is not None else score_batch)
         if out.shape != (population.size,):
             raise ValueError(

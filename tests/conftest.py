@@ -1,7 +1,14 @@
-"""Shared fixtures: float64 for gradient checks, PRNG keys."""
+"""Shared fixtures: float64 for gradient checks, PRNG keys, and the HTML
+documentation built once per session."""
+
+import pathlib
+import subprocess
+import sys
 
 import jax
 import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -16,3 +23,22 @@ def x64():
 @pytest.fixture
 def key():
     return jax.random.PRNGKey(0)
+
+
+@pytest.fixture(scope="session")
+def docs_html(tmp_path_factory):
+    """The HTML documentation, built once for every test that reads it
+    (``sphinx -W --keep-going -b html``); skipped without Sphinx."""
+    pytest.importorskip("sphinx", reason="sphinx is not installed")
+    pytest.importorskip("sphinx_rtd_theme",
+                        reason="sphinx_rtd_theme is not installed")
+    out = tmp_path_factory.mktemp("docs")
+    cmd = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q",
+           "-b", "html", "-d", str(out / "doctrees"), str(ROOT / "docs"),
+           str(out / "html")]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, (
+        f"{' '.join(cmd)} failed:\n{result.stdout[-5000:]}\n"
+        f"{result.stderr[-5000:]}")
+    return out / "html"

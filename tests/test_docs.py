@@ -31,8 +31,8 @@ def _sphinx_build(builder, out):
 
 
 @pytest.fixture(scope="module")
-def html(tmp_path_factory):
-    return _sphinx_build("html", tmp_path_factory.mktemp("docs"))
+def html(docs_html):
+    return docs_html
 
 
 @pytest.mark.parametrize("name", PUBLIC)

@@ -13,7 +13,6 @@ import pathlib
 import re
 import shutil
 import subprocess
-import sys
 from html.parser import HTMLParser
 from urllib.parse import unquote, urlsplit
 
@@ -98,19 +97,6 @@ class _Page(HTMLParser):
             self.text.append(data)
 
 
-def _sphinx_build(out):
-    """Builds the HTML docs into ``out/html`` with warnings as errors."""
-    cmd = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q",
-           "-b", "html", "-d", str(out / "doctrees"), str(DOCS),
-           str(out / "html")]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, (
-        f"{' '.join(cmd)} failed:\n{result.stdout[-5000:]}\n"
-        f"{result.stderr[-5000:]}")
-    return out / "html"
-
-
 def _render(browser, path, profile):
     """The DOM of ``path`` after Chromium has run its scripts offline."""
     cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu",
@@ -137,16 +123,13 @@ def _render(browser, path, profile):
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
+def site(tmp_path_factory, docs_html):
     """The built docs and a function giving the rendered DOM of a page."""
     browser = _browser()
     if browser is None:
         pytest.skip("no headless browser on PATH (looked for "
                     f"{', '.join(BROWSERS)}); install Chromium to run this")
-    pytest.importorskip("sphinx", reason="sphinx is not installed")
-    pytest.importorskip("sphinx_rtd_theme",
-                        reason="sphinx_rtd_theme is not installed")
-    html = _sphinx_build(tmp_path_factory.mktemp("docs"))
+    html = docs_html
     profile = tmp_path_factory.mktemp("chromium-profile")
     cache = {}
 

@@ -335,3 +335,11 @@ def test_augmentation_pieces_match_library_references():
             dimension_numbers=("NHWC", "HWIO", "NHWC"))
         np.testing.assert_allclose(tasks._conv(h, k, stride), ref,
                                    atol=1e-5)
+
+
+def test_every_method_has_its_own_colour():
+    """The plots tell methods apart: one fixed, distinct colour each."""
+    from hpo import report
+    assert set(M.METHODS) <= set(report.COLOURS)
+    colours = [report.COLOURS[m] for m in M.METHODS]
+    assert len(set(colours)) == len(colours)

@@ -93,6 +93,7 @@ COLOURS = {
     "gh_t1t2": "#1f77b4", "gh_t1t2_per_weight": "#17becf",
     "gh_greedy": "#2ca02c", "gh_implicit": "#9467bd",
     "gh_implicit_per_weight": "#c5b0d5", "gh_forward_mode": "#8c564b",
+    "gh_hyperdistill": "#bcbd22", "gh_population": "#393b79",
     "random": "#ff7f0e", "tpe": "#d62728", "tpe_sh": "#e377c2",
     "default": "#7f7f7f", "default_full_budget": "#404040",
     "oracle": "#000000"}
@@ -101,7 +102,7 @@ COLOURS = {
 def style(method: str):
     """(colour, line style) of a method: solid for gradhpo, dashed for
     Optuna and the controls."""
-    return (COLOURS.get(method, "#bcbd22"),
+    return (COLOURS.get(method, "#aec7e8"),
             "-" if method.startswith("gh_") else "--")
 
 
@@ -148,15 +149,20 @@ def _zoom(ax, rows: Sequence[Dict], key: str) -> None:
     top = min(means.max(), hi + 1.5 * span)
     pad = 0.08 * (top - bottom)
     ax.set_ylim(bottom - pad, top + pad)
+    stacked = {"low": 0, "high": 0}
     for s in rows:
         v = s[f"{key}_mean"]
         if bottom - pad <= v <= top + pad:
             continue
-        edge = bottom - pad if v < bottom else top + pad
+        side = "low" if v < bottom else "high"
+        edge = bottom - pad if side == "low" else top + pad
+        step = 9 * stacked[side] * (1 if side == "low" else -1)
+        stacked[side] += 1
         ax.annotate(f"{s['method']} {s['budget']}×: {v:.3g} (off scale)",
-                    (s["budget"], edge), fontsize=7, color=style(
-                        s["method"])[0], ha="center",
-                    va="bottom" if v < bottom else "top")
+                    (0.5, edge), xycoords=("axes fraction", "data"),
+                    xytext=(0, step), textcoords="offset points",
+                    fontsize=7, color=style(s["method"])[0], ha="center",
+                    va="bottom" if side == "low" else "top")
 
 
 def plot(summary: Sequence[Dict], datasets: Dict[str, str],

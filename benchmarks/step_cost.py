@@ -37,7 +37,9 @@ Measures, side by side in one run, on the same model and batch:
     :func:`jax.jvp` of the real inner step, the hypergradient
     :math:`\nabla_\lambda L_{val} + Z^{w\top} \nabla_w L_{val}` and Adam;
     ``plain_small_d`` is the plain step of that variant (no goal, for
-    reference);
+    reference) and ``hand_forward_mode_guarded`` the hand-written step
+    with the library's non-finite guards added by hand (its reference is
+    the unguarded row, so its ratio is what the guards cost);
   - ``hand_implicit`` / ``implicit``: one ``Implicit(solver="cg",
     terms=10)`` hyper-step (the inner step, the validation gradient at
     :math:`w_{t+1}`, :func:`jax.scipy.sparse.linalg.cg` on
@@ -571,7 +573,7 @@ def build_plain_small_d(pb: Problem):
         sp.hyperparams, sp.train_batch)
 
 
-def build_hand_forward_mode(pb: Problem):
+def build_hand_forward_mode(pb: Problem, guarded: bool = False):
     r"""One RTHO forward-mode step on :func:`small_d_problem`, hand-written.
 
     The hyperparameters raveled into :math:`\lambda \in \mathbb{R}^d`
@@ -584,6 +586,12 @@ def build_hand_forward_mode(pb: Problem):
     \nabla_\lambda L_{val}(w_{t+1}) + Z^{w\top}_{t+1} \nabla_w
     L_{val}(w_{t+1})`; Adam on :math:`\lambda`. Carry ``(w, s, hp,
     adam, Z^w, Z^s)``.
+
+    ``guarded=True`` adds the library's non-finite guards, written by hand:
+    one reduction over the new weights, state and tangents, a select that
+    keeps the old ones where any is non-finite, and the outer update
+    skipped on a non-finite hypergradient (the ``hand_forward_mode_guarded``
+    row: what the guards cost, measured against the unguarded row).
     """
     sp = small_d_problem(pb)
     lam0, unravel = jax.flatten_util.ravel_pytree(sp.hyperparams)
@@ -605,6 +613,12 @@ def build_hand_forward_mode(pb: Problem):
 
         (w1, s1), (z_w1, z_s1) = jax.vmap(column, out_axes=(None, 0))(
             z_w, z_s, basis)
+        if guarded:
+            new, old = (w1, s1, z_w1, z_s1), (w, s, z_w, z_s)
+            ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                                    for x in jax.tree.leaves(new)]))
+            w1, s1, z_w1, z_s1 = jax.tree.map(
+                lambda a, b: jnp.where(ok, a, b), new, old)
         v, direct = jax.grad(sp.val_loss, argnums=(0, 1))(w1, hp, val_data)
         h = jax.flatten_util.ravel_pytree(direct)[0] + sum(
             jnp.tensordot(z, g, axes=g.ndim)
@@ -616,7 +630,12 @@ def build_hand_forward_mode(pb: Problem):
         hp, r = carry[2], carry[3]
         h, (w1, s1, z_w1, z_s1) = hypergradient(carry, data, val_data)
         updates, r1 = sp.outer.update(h, r, hp)
-        return w1, s1, optax.apply_updates(hp, updates), r1, z_w1, z_s1
+        new_hp = optax.apply_updates(hp, updates)
+        if guarded:
+            ok = jnp.all(jnp.isfinite(jax.flatten_util.ravel_pytree(h)[0]))
+            new_hp, r1 = jax.tree.map(lambda a, b: jnp.where(ok, a, b),
+                                      (new_hp, r1), (hp, r))
+        return w1, s1, new_hp, r1, z_w1, z_s1
 
     s0 = sp.inner(sp.hyperparams).init(sp.params)
     zeros = functools.partial(jax.tree.map,
@@ -888,6 +907,12 @@ def cases(horizon: int = 5, lookahead: int = 1, model: str = "mlp",
             cm.Case("hand_forward_mode", build_hand_forward_mode,
                     description=f"hand-written vmap over {d} columns of a "
                     "jvp of the step (w and momentum tangents) + Adam"),
+            cm.Case("hand_forward_mode_guarded",
+                    functools.partial(build_hand_forward_mode, guarded=True),
+                    reference="hand_forward_mode",
+                    description="the same with the library's non-finite "
+                    "guards by hand (reduction + select over the d tangent "
+                    "copies)"),
             cm.Case("forward_mode", build_forward_mode(1, 1.0),
                     reference="hand_forward_mode",
                     goal_vs_base=vs_plain(forward_mode_goal(d)),
@@ -924,7 +949,8 @@ def cases(horizon: int = 5, lookahead: int = 1, model: str = "mlp",
 # it runs (compiling, not timing, is most of a quick run: about 4-10 s per
 # checked pair on two cores).
 QUICK_SKIP = ("hand_greedy_unrolled", "greedy_unrolled", "plain_small_d",
-              "hand_implicit_neumann", "implicit_neumann")
+              "hand_forward_mode_guarded", "hand_implicit_neumann",
+              "implicit_neumann")
 
 # Extra equivalence checks beyond (row, reference): the unrolled hand-written
 # greedy must compute what the library does too.

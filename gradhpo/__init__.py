@@ -33,10 +33,12 @@ from gradhpo.utils.parallel import shard_state
 
 __version__ = "0.2.0"
 
-# Optuna is optional: these names import gradhpo.integrations.resume (and
-# Optuna) on first access only.
+# Optuna is optional: these names import gradhpo.integrations.resume or
+# gradhpo.integrations.population_study (and Optuna) on first access only.
 _LAZY = {"PausingScheduler": "gradhpo.integrations.resume",
+         "PopulationStudyResult": "gradhpo.integrations.population_study",
          "ResumableObjective": "gradhpo.integrations.resume",
+         "run_population_study": "gradhpo.integrations.population_study",
          "sqlite_storage": "gradhpo.integrations.resume"}
 
 
@@ -64,6 +66,7 @@ __all__ = [
     "PopulationResult",
     "PopulationSearch",
     "PopulationState",
+    "PopulationStudyResult",
     "ResumableObjective",
     "T1T2",
     "T1T2State",
@@ -71,6 +74,7 @@ __all__ = [
     "load_state",
     "make_mesh",
     "replicate",
+    "run_population_study",
     "save_state",
     "shard_batch",
     "shard_state",

@@ -457,23 +457,14 @@ class PopulationSearch:
                 "score_batch must be given (a validation batch) when the "
                 "search has no score_fn.")
         pop = self.init(params, hyperparams, key=key)
-        source = batches if callable(batches) else iter(batches)
+        source = batch_source(batches, num_steps)
         rungs = set(self.rungs(num_steps))
         history = []
         for t in range(num_steps):
             if t in rungs and pop.size > 1:
                 pop, rung = self.select(pop, self.scores(pop, score_batch))
                 history.append(rung)
-            if callable(source):
-                pair = source(t)
-            else:
-                try:
-                    pair = next(source)
-                except StopIteration:
-                    raise ValueError(
-                        f"batches ran out after {t} steps; num_steps is "
-                        f"{num_steps}.") from None
-            pop = self.step(pop, *pair)
+            pop = self.step(pop, *source(t))
         best = 0
         if pop.size > 1:
             scores = self.scores(pop, score_batch)
@@ -489,6 +480,23 @@ class PopulationSearch:
             best=pop.member(best), best_id=int(pop.ids[best]),
             history=history, grad_evals=float(pop.grad_evals),
             population=pop)
+
+
+def batch_source(batches, num_steps: int) -> Callable[[int], Any]:
+    """``batches`` of :meth:`PopulationSearch.run` as a callable ``step ->
+    (train_batch, val_batch)``: a callable as it is, an iterable read in
+    order (a ``ValueError`` if it runs out before ``num_steps``)."""
+    if callable(batches):
+        return batches
+    it = iter(batches)
+
+    def source(t: int):
+        try:
+            return next(it)
+        except StopIteration:
+            raise ValueError(f"batches ran out after {t} steps; num_steps "
+                             f"is {num_steps}.") from None
+    return source
 
 
 def _check_rungs(rung_steps) -> Any:

@@ -44,7 +44,10 @@ What a user sees in ``study.trials`` (user attributes, all JSON):
   segment from its last checkpoint;
 * ``gradhpo:top_rung``: the top rung :math:`T` a report of this segment
   raised (PASHA); :math:`T` is the largest recorded value (1 if none);
-* ``gradhpo:worker``: host and process id of the worker that ran it.
+* ``gradhpo:worker``: host and process id of the worker that ran it;
+* ``gradhpo:heartbeat`` (only with ``heartbeat_interval``): a counter, 0
+  when the segment starts and incremented every ``heartbeat_interval``
+  seconds while it runs; it keeps its last value when the segment ends.
 
 A continuation is created with the parent's parameters and its intermediate
 values up to the checkpoint, so the chain's last segment (its *tip*) holds
@@ -59,19 +62,45 @@ with the lowest trial number wins (trial numbers are assigned by the storage
 in creation order, so every worker that looks finds the same winner) and
 the other ends as ``"duplicate"`` without training. Checkpoints are one file
 per chain written with :func:`gradhpo.save_state` (atomic), and only the
-winning segment of a chain runs at any time. A killed worker leaves its
-segment ``RUNNING``: with an RDB storage with a heartbeat, Optuna fails it;
-otherwise the next segment that starts or ends on the same host fails
-segments whose process is gone. With SQLite, build the storage with
-:func:`sqlite_storage`: Optuna's default SQLite transactions let two
-workers pop the same waiting trial. Either way a retry continues the chain from
-its last checkpoint; the steps trained after that checkpoint (at most
+winning segment of a chain runs at any time. With SQLite, build the storage
+with :func:`sqlite_storage`: Optuna's default SQLite transactions let two
+workers pop the same waiting trial.
+
+**Killed workers.** A killed worker leaves its segment ``RUNNING``. Every
+segment (when it starts, at every rung and when it ends) and every
+:meth:`ResumableObjective.recover` call is a *reaper*: it fails (state
+``FAIL``)
+
+* at once, the ``RUNNING`` segments whose worker ran on the same host with a
+  process id that no longer exists;
+* on any host and with any storage (a journal file on a shared file system
+  too), with ``heartbeat_interval`` or ``grace_period`` set: the segments
+  whose ``gradhpo:heartbeat`` counter has not changed for more than
+  ``grace_period`` seconds. Each :class:`ResumableObjective` object
+  remembers, per ``RUNNING`` segment, the last counter it saw and when it
+  first saw that value on its *own* monotonic clock (clocks of different
+  hosts need not agree), and fails the segment when a later look of its
+  own, more than ``grace_period`` after that, finds the same value
+  (:meth:`ResumableObjective.watch` loops over ``recover``). A segment
+  without the counter (its worker ran without a heartbeat) is left to the
+  process rule. A live segment whose heartbeat cannot reach the storage for
+  ``grace_period`` is failed too, and stops at its next report (the storage
+  refuses writes to a finished trial; Optuna's ``optimize`` then raises
+  ``ValueError("Cannot tell a FAIL trial.")`` in that worker), so choose
+  the grace period well above the interval and the storage's latency.
+
+An RDB storage built with Optuna's own heartbeat also fails such segments
+(Optuna does it before each trial). Either way a retry continues the chain
+from its last checkpoint; the steps trained after that checkpoint (at most
 ``checkpoint_every``) are trained again.
 """
 
+import logging
 import math
 import os
 import socket
+import threading
+import time
 from typing import (Any, Callable, Dict, List, NamedTuple, Optional,
                     Sequence, Tuple)
 
@@ -96,7 +125,10 @@ STATUS = "gradhpo:status"
 TOP = "gradhpo:top_rung"
 EPSILON = "gradhpo:epsilon"
 WORKER = "gradhpo:worker"
+HEARTBEAT = "gradhpo:heartbeat"
+HEARTBEAT_THREAD = "gradhpo-heartbeat"
 _KINDS = ("pasha", "asha")
+_logger = logging.getLogger(__name__)
 
 
 def sqlite_storage(url: str, *, timeout: float = 60.0,
@@ -172,6 +204,62 @@ def _alive(pid: int) -> bool:
     except OSError:  # pragma: no cover - another user's process
         return True
     return True
+
+
+class _Heartbeat:
+    """A daemon thread that increments the ``gradhpo:heartbeat`` counter of
+    one RUNNING trial every ``interval`` seconds until :meth:`stop`.
+
+    It writes through the study's storage from its own thread. Optuna 5.0's
+    storages allow that: ``JournalStorage`` serialises every call with a
+    ``threading.Lock`` (and appends under the backend's file lock);
+    ``RDBStorage`` gives each thread its own SQLAlchemy session
+    (``scoped_session``; the thread removes its session when it ends);
+    ``_CachedStorage`` (the wrapper of an RDB) and ``InMemoryStorage`` take
+    a lock. A write to a trial that finished meanwhile (e.g. failed by a
+    reaper) raises ``UpdateFinishedTrialError`` (a journal appends the
+    record first and refuses it on replay; every replayer ignores updates
+    of finished trials): the thread then ends quietly. Other storage errors
+    are logged and the next beat is tried.
+    """
+
+    def __init__(self, storage, trial_id: int, interval: float,
+                 name: str) -> None:
+        self._storage = storage
+        self._trial_id = trial_id
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name,
+                                        daemon=True)
+
+    def start(self) -> "_Heartbeat":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stops the beats and joins the thread (no write after this)."""
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        count = 0
+        try:
+            while not self._stop.wait(self._interval):
+                count += 1
+                try:
+                    self._storage.set_trial_user_attr(self._trial_id,
+                                                      HEARTBEAT, count)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    return          # finished elsewhere: nothing to keep up
+                except Exception as err:  # pragma: no cover - storage down
+                    _logger.warning("heartbeat of trial id %d not written: "
+                                    "%r", self._trial_id, err)
+        finally:
+            backend = getattr(self._storage, "_backend", self._storage)
+            try:                     # this thread's RDB session, if any
+                backend.remove_session()
+            except Exception:  # pragma: no cover - best effort
+                pass
 
 
 def _earned(trial: FrozenTrial) -> Dict[int, float]:
@@ -440,6 +528,20 @@ class ResumableObjective:
         left failed.
       on_report: optional ``(trial, e, value, max_resource)`` callback after
         every report (logging).
+      heartbeat_interval: seconds between the beats of a daemon thread that,
+        while a segment runs, increments its ``gradhpo:heartbeat`` user
+        attribute through the study's storage (the thread is stopped and
+        joined when the segment ends in any way); None: no heartbeat. Each
+        beat is one storage write (with a journal, one record that every
+        worker replays), so seconds to a minute suit long segments.
+      grace_period: seconds a ``RUNNING`` segment's counter may stay
+        unchanged, as timed by this objective's own clock, before this
+        objective fails it (see the module docstring); more than
+        ``heartbeat_interval`` (a few times it, plus the storage's write
+        latency, is safe). Default: ``4 * heartbeat_interval``; None
+        without an interval: no heartbeat rule. Given without
+        ``heartbeat_interval``, the objective reaps by heartbeat but does
+        not beat itself. Use the same values in all workers.
 
     Example:
       >>> import tempfile, numpy as np, optuna
@@ -487,7 +589,9 @@ class ResumableObjective:
                  scheduler: PausingScheduler, *, checkpoint_dir: str,
                  checkpoint_every: Optional[int] = None,
                  max_retries: int = 3,
-                 on_report: Optional[Callable] = None) -> None:
+                 on_report: Optional[Callable] = None,
+                 heartbeat_interval: Optional[float] = None,
+                 grace_period: Optional[float] = None) -> None:
         if not callable(init) or not callable(step):
             raise TypeError("init and step must be callables.")
         if not isinstance(scheduler, PausingScheduler):
@@ -507,6 +611,39 @@ class ResumableObjective:
         self.max_retries = val.check_int(max_retries, "max_retries",
                                          minimum=0)
         self.on_report = on_report
+        if heartbeat_interval is not None:
+            heartbeat_interval = val.check_real(
+                heartbeat_interval, "heartbeat_interval", low=0.0,
+                low_open=True)
+        if grace_period is not None:
+            grace_period = val.check_real(grace_period, "grace_period",
+                                          low=0.0, low_open=True)
+            if heartbeat_interval is not None and \
+                    grace_period <= heartbeat_interval:
+                raise ValueError(
+                    "grace_period must be greater than heartbeat_interval "
+                    f"({heartbeat_interval!r}; a few times it is safer), "
+                    f"got {grace_period!r}.")
+        elif heartbeat_interval is not None:
+            grace_period = 4.0 * heartbeat_interval
+        self.heartbeat_interval = heartbeat_interval
+        self.grace_period = grace_period
+        self._init_reaper()
+
+    def _init_reaper(self) -> None:
+        # (study name, trial id) -> (datetime_start, counter, first seen on
+        # this process's monotonic clock); only RUNNING trials are kept.
+        self._seen: Dict[Tuple[str, int], Tuple[Any, Any, float]] = {}
+        self._seen_lock = threading.Lock()
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_seen"], state["_seen_lock"]
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_reaper()
 
     # ------------------------------------------------------------ helpers
     def checkpoint_path(self, study: "optuna.Study", chain: int) -> str:
@@ -520,22 +657,48 @@ class ResumableObjective:
                    {"state": state, "step": np.asarray(e, np.int64)})
         trial.set_user_attr(SAVED, e)
 
-    @staticmethod
-    def _reap(study: "optuna.Study") -> None:
-        """Fails RUNNING segments whose worker process on this host is
-        gone (storages without a heartbeat)."""
+    def _reap(self, study: "optuna.Study",
+              own: Optional[int] = None) -> None:
+        """Fails RUNNING segments of dead workers: by process id on this
+        host, and (with a grace period) by a heartbeat counter that this
+        objective has seen unchanged for longer than ``grace_period``."""
         host = socket.gethostname()
-        for t in study.get_trials(deepcopy=False,
-                                  states=(TrialState.RUNNING,)):
+        now = time.monotonic()
+        running = study.get_trials(deepcopy=False,
+                                   states=(TrialState.RUNNING,))
+        dead = []
+        for t in running:
+            if t._trial_id == own:
+                continue
             worker = t.user_attrs.get(WORKER)
             if not worker or worker.get("host") != host:
                 continue
             pid = worker.get("pid")
             if pid == os.getpid() or _alive(pid):
                 continue
+            dead.append(t._trial_id)
+        with self._seen_lock:
+            name = study.study_name
+            ids = {t._trial_id for t in running}
+            for key in [k for k in self._seen
+                        if k[0] == name and k[1] not in ids]:
+                del self._seen[key]    # no longer RUNNING: forget it
+            for t in running:
+                count = t.user_attrs.get(HEARTBEAT)
+                if count is None or t._trial_id in dead:
+                    continue           # no heartbeat: the pid rule only
+                key = (name, t._trial_id)
+                seen = self._seen.get(key)
+                if seen is None or seen[:2] != (t.datetime_start, count):
+                    self._seen[key] = (t.datetime_start, count, now)
+                elif (self.grace_period is not None and t._trial_id != own
+                      and now - seen[2] > self.grace_period):
+                    dead.append(t._trial_id)
+                    del self._seen[key]
+        for trial_id in dead:
             try:
                 study._storage.set_trial_state_values(
-                    t._trial_id, state=TrialState.FAIL)
+                    trial_id, state=TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:
                 pass
 
@@ -567,8 +730,18 @@ class ResumableObjective:
         return count
 
     def recover(self, study: "optuna.Study") -> int:
-        """Fails the segments of dead workers on this host and enqueues a
-        retry of every crashed chain; returns the number enqueued.
+        """Fails the segments of dead workers and enqueues a retry of every
+        crashed chain; returns the number enqueued.
+
+        A segment is dead if it is ``RUNNING`` and its worker ran on this
+        host with a process id that is gone, or (``grace_period`` set) its
+        ``gradhpo:heartbeat`` counter has not changed between calls of this
+        objective (:meth:`recover`, or a segment starting, reaching a rung
+        or ending) that are more than ``grace_period`` apart on this
+        process's clock. The first call only takes note of the counters: to
+        fail a worker killed on another host, call again after the grace
+        period, or use :meth:`watch`. A segment without a counter (its
+        worker ran without a heartbeat) is failed only by the process rule.
 
         Segments do this themselves when they start and end; call it
         before a last run over the queue (e.g. after all workers exited).
@@ -577,11 +750,45 @@ class ResumableObjective:
         chains, winners = _snapshot(study)
         return self._service(study, chains, winners)
 
+    def watch(self, study: "optuna.Study", *, duration: float,
+              poll: Optional[float] = None,
+              stop_when_idle: bool = False) -> int:
+        """Calls :meth:`recover` every ``poll`` seconds for ``duration``
+        seconds (a reaper loop, e.g. in a monitoring process or after the
+        workers exited); returns the number of retries enqueued.
+
+        Args:
+          study: the study.
+          duration: seconds to watch (0: one call of :meth:`recover`).
+            To fail a segment whose counter stopped, it must exceed
+            ``grace_period`` plus ``poll``.
+          poll: seconds between calls; None: ``grace_period / 4``.
+          stop_when_idle: return as soon as no segment is ``RUNNING``.
+
+        Raises:
+          ValueError: this objective has no ``grace_period``.
+        """
+        if self.grace_period is None:
+            raise ValueError("watch needs a grace_period (or a "
+                             "heartbeat_interval) on the ResumableObjective.")
+        duration = val.check_real(duration, "duration", low=0.0)
+        if poll is None:
+            poll = self.grace_period / 4.0
+        poll = val.check_real(poll, "poll", low=0.0, low_open=True)
+        end = time.monotonic() + duration
+        count = 0
+        while True:
+            count += self.recover(study)
+            left = end - time.monotonic()
+            if left <= 0 or (stop_when_idle and not study.get_trials(
+                    deepcopy=False, states=(TrialState.RUNNING,))):
+                return count
+            time.sleep(min(poll, left))
+
     # ------------------------------------------------------------ the loop
     def __call__(self, trial: "optuna.Trial") -> float:
         study = trial.study
-        sched = self.scheduler
-        self._reap(study)
+        self._reap(study, own=trial._trial_id)
         attrs = trial.user_attrs
         if CHAIN not in attrs:
             trial.set_user_attr(CHAIN, trial.number)
@@ -595,6 +802,24 @@ class ResumableObjective:
         self._service(study, chains, winners)
         trial.set_user_attr(WORKER, {"host": socket.gethostname(),
                                      "pid": os.getpid()})
+        beat = None
+        if self.heartbeat_interval is not None:
+            trial.set_user_attr(HEARTBEAT, 0)
+            beat = _Heartbeat(
+                study._storage, trial._trial_id, self.heartbeat_interval,
+                f"{HEARTBEAT_THREAD}-{study.study_name}-{trial.number}"
+            ).start()
+        try:
+            return self._train(trial, chain, parent)
+        finally:
+            if beat is not None:
+                beat.stop()
+
+    def _train(self, trial: "optuna.Trial", chain: int,
+               parent: Optional[int]) -> float:
+        """The segment after its claim: load, train, decide, finish."""
+        study = trial.study
+        sched = self.scheduler
         state = self.init(trial)
         start = 0
         path = self.checkpoint_path(study, chain)
@@ -643,6 +868,7 @@ class ResumableObjective:
             elif self.checkpoint_every and e % self.checkpoint_every == 0:
                 self._save(trial, chain, state, e)
         trial.set_user_attr(STATUS, "complete")
+        self._reap(study, own=trial._trial_id)
         chains, winners = _snapshot(study)
         # The worker is free: promote as after a pause.
         top = sched._top(study, chains, winners)[1]
@@ -657,6 +883,7 @@ class ResumableObjective:
         checkpointed, marked and the promoted chain enqueued)."""
         study = trial.study
         sched = self.scheduler
+        self._reap(study, own=trial._trial_id)
         chains, winners = _snapshot(study)
         top = sched._top(study, chains, winners)[1]
         best = sched._promote(study, chains, sched.max_resource_for(top),

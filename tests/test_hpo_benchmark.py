@@ -62,9 +62,11 @@ def _per_step(method, task, cfg, m_val):
     if algorithm == "hyperdistill":
         # one more training gradient, at the distilled weights and batch
         return 2 + cost.SECOND_ORDER + val
-    if algorithm == "forward_mode":
-        # one JVP of the inner step per hyperparameter coordinate
-        return 1 + cost.SECOND_ORDER * _hyper_count(method, task) + val
+    if algorithm.startswith("forward_mode"):
+        # one JVP of the inner step per hyperparameter coordinate, and the
+        # validation gradient on update calls only
+        k = cfg.forward_interval if algorithm == "forward_mode" else 1
+        return 1 + cost.SECOND_ORDER * _hyper_count(method, task) + val / k
     assert algorithm == "implicit"
     k = cfg.implicit_interval      # one CG solve per k steps
     solve = val + (cfg.implicit_terms + 2) * cost.SECOND_ORDER
@@ -170,6 +172,7 @@ def test_population_rows_charge_members_rungs_and_survivor(quick):
 @pytest.mark.parametrize("name,method", [
     ("hyper_cleaning", "gh_t1t2"), ("hyper_cleaning", "gh_greedy"),
     ("hyper_cleaning", "gh_implicit"), ("lr_momentum_wd", "gh_forward_mode"),
+    ("lr_momentum_wd", "gh_forward_mode_every_step"),
     ("augmentation", "gh_hyperdistill"),
     ("l2_small_data", "gh_implicit_per_weight")])
 def test_library_count_of_a_short_run(name, method):

@@ -94,6 +94,11 @@ class Config:
         counted budget is spent).
       implicit_interval, implicit_terms: ``gh.Implicit``'s
         ``hyper_interval`` and CG iterations.
+      forward_interval: ``gh.ForwardMode``'s ``hyper_interval`` (method
+        ``gh_forward_mode``; RTHO's hyper-batch of Franceschi et al.
+        2017): one outer update per this many inner steps, the tangents
+        advanced at every step. ``gh_forward_mode_every_step`` updates at
+        every step.
       tpe_startup: TPE's random start-up trials.
       sh_reports: validation reports per ``tpe_sh`` trial.
     """
@@ -103,6 +108,7 @@ class Config:
     hyperdistill_gamma: float = 0.99
     implicit_interval: int = 10
     implicit_terms: int = 5
+    forward_interval: int = 10
     tpe_startup: int = 3
     sh_reports: int = 4
 
@@ -259,6 +265,8 @@ def make_optimizer(method: str, problem: tasks.Problem, cfg: Config
     if algorithm == "greedy":
         return gh.Greedy(*args, horizon=cfg.greedy_horizon, gamma=0.9)
     if algorithm == "forward_mode":
+        return gh.ForwardMode(*args, hyper_interval=cfg.forward_interval)
+    if algorithm == "forward_mode_every_step":
         return gh.ForwardMode(*args)
     if algorithm == "hyperdistill":
         return gh.HyperDistill(*args, gamma=cfg.hyperdistill_gamma)
@@ -270,12 +278,15 @@ def make_optimizer(method: str, problem: tasks.Problem, cfg: Config
 
 def block_shape(method: str, problem: tasks.Problem, cfg: Config):
     """(calls, model steps per call) of one accounting block: one call,
-    but ``hyper_interval`` calls for Implicit (one hyper-update each)."""
+    but ``hyper_interval`` calls for Implicit and ForwardMode (one
+    hyper-update each)."""
     algorithm, _ = problem.gh_methods[method]
     if algorithm == "greedy":
         return 1, cfg.greedy_horizon
     if algorithm == "implicit":
         return cfg.implicit_interval, 1
+    if algorithm == "forward_mode":
+        return cfg.forward_interval, 1
     return 1, 1
 
 

@@ -93,6 +93,7 @@ COLOURS = {
     "gh_t1t2": "#1f77b4", "gh_t1t2_per_weight": "#17becf",
     "gh_greedy": "#2ca02c", "gh_implicit": "#9467bd",
     "gh_implicit_per_weight": "#c5b0d5", "gh_forward_mode": "#8c564b",
+    "gh_forward_mode_every_step": "#c49c94",
     "gh_hyperdistill": "#bcbd22", "gh_population": "#393b79",
     "random": "#ff7f0e", "tpe": "#d62728", "tpe_sh": "#e377c2",
     "default": "#7f7f7f", "default_full_budget": "#404040",
@@ -114,7 +115,9 @@ def merge(results: Sequence[Dict]) -> Dict:
     run) must agree exactly; it is kept once."""
     rows, runs, seen = [], [], {}
     for r in results:
-        runs.append(r["config"])
+        # a merged result brings its runs, not a nested record of them
+        runs.extend(r["config"]["runs"] if r["config"].get("merged")
+                    else [r["config"]])
         for row in r["rows"]:
             key = (row["task"], row["method"], row["budget"], row["seed"])
             if key in seen:

@@ -465,6 +465,8 @@ L2_SMALL_DATA = Problem(
                 "gh_t1t2_per_weight": ("t1t2", "per_weight"),
                 "gh_greedy": ("greedy", "per_layer"),
                 "gh_forward_mode": ("forward_mode", "per_layer"),
+                "gh_forward_mode_every_step": (
+                    "forward_mode_every_step", "per_layer"),
                 "gh_implicit": ("implicit", "per_layer"),
                 "gh_implicit_per_weight": ("implicit", "per_weight"),
                 "gh_hyperdistill": ("hyperdistill", "per_layer")},
@@ -539,6 +541,8 @@ LR_MOMENTUM_WD = Problem(
     gh_methods={"gh_t1t2": ("t1t2", "scalar"),
                 "gh_greedy": ("greedy", "scalar"),
                 "gh_forward_mode": ("forward_mode", "scalar"),
+                "gh_forward_mode_every_step": (
+                    "forward_mode_every_step", "scalar"),
                 "gh_hyperdistill": ("hyperdistill", "scalar")},
     gh_init=lambda task, variant: _lr_default(task), hyper_lr=0.05,
     space=(f"learning rate log-uniform in [{LR_RANGE[0]:g}, "
@@ -685,6 +689,8 @@ AUGMENTATION = Problem(
     gh_methods={"gh_t1t2": ("t1t2", "scalar"),
                 "gh_greedy": ("greedy", "scalar"),
                 "gh_forward_mode": ("forward_mode", "scalar"),
+                "gh_forward_mode_every_step": (
+                    "forward_mode_every_step", "scalar"),
                 "gh_hyperdistill": ("hyperdistill", "scalar")},
     gh_init=lambda task, variant: _aug_default(task), hyper_lr=0.05,
     space=(f"shift and noise magnitudes uniform in [0, 1] (at most "

@@ -57,14 +57,51 @@ returns a tip.
 
 **Claims.** Any number of workers may share one storage (a journal file,
 SQLite or another RDB). To continue a parent, a worker adds a ``WAITING``
-trial with ``gradhpo:parent`` set; if two workers race, the continuation
-with the lowest trial number wins (trial numbers are assigned by the storage
-in creation order, so every worker that looks finds the same winner) and
-the other ends as ``"duplicate"`` without training. Checkpoints are one file
-per chain written with :func:`gradhpo.save_state` (atomic), and only the
-winning segment of a chain runs at any time. With SQLite, build the storage
-with :func:`sqlite_storage`: Optuna's default SQLite transactions let two
-workers pop the same waiting trial.
+trial with ``gradhpo:parent`` set; if two continuations of one parent exist
+(two workers raced without the decision lock, or Optuna's
+``RetryHeartbeatStaleTrialCallback`` copied a crashed segment), the one
+with the lowest trial number wins (trial numbers are assigned by the
+storage in creation order, so every worker that looks finds the same
+winner) and the other ends as ``"duplicate"`` without training. Checkpoints
+are one file per chain written with :func:`gradhpo.save_state` (atomic),
+and only the winning segment of a chain runs at any time. With SQLite,
+build the storage with :func:`sqlite_storage`: Optuna's default SQLite
+transactions let two workers pop the same waiting trial.
+
+**Decision lock.** With ``serialize=True`` (the default of
+:class:`ResumableObjective`) the workers take turns in every *decision
+section*, under a lock file in ``checkpoint_dir`` (which they share
+already; Optuna's NFS-safe ``JournalFileOpenLock``): each report together
+with the decisions after it (PASHA's :math:`\epsilon` and top-rung records;
+at a rung: go on, or pause and claim the promoted chain), the start of a
+segment (the duplicate check, retries of crashed chains), its end (promote
+and claim) and :meth:`ResumableObjective.recover`. Training (``step``) and
+checkpoint writes happen outside: at every rung the checkpoint is written
+to ``<checkpoint>.pending`` before the lock is taken and renamed into place
+right after the report inside it, so a checkpoint never runs ahead of the
+reported values and a chain is claimable only once its checkpoint exists.
+So the study's events form one total order, the lock order, and every
+decision is made from a snapshot holding exactly the events before it: the
+decisions and records are exactly those of a central scheduler (one
+process, as with one worker here or in syne-tune) that processes the same
+events in the same order; the workers never create two continuations of
+one parent; and the :math:`\epsilon` record's clock (the number of
+reports in the study) is a sequence number, strictly increasing from record
+to record
+(unless a segment fails: its values after its last checkpoint are dropped
+and reported again). What is not determined is the order itself: which
+worker's report comes first depends on timing, as it would for a central
+scheduler fed by asynchronous workers. A worker killed inside a section
+leaves the lock file behind (it names the holder's host and process id):
+a worker of the same host that waits for it takes it over as soon as that
+process is gone (the reaper's process rule); workers of other hosts only
+after ``lock_grace_period`` seconds (default 30) without a change to the
+file, so decisions may stall for that long. A section that lasts longer
+than the grace period would be broken into (the holder warns when it finds
+its lock taken over). With ``serialize=False`` sections of different
+workers may overlap: a decision can miss another worker's latest report or
+claim, two :math:`\epsilon` records can share a clock, and claim races are
+resolved by the rule above.
 
 **Killed workers.** A killed worker leaves its segment ``RUNNING``. Every
 segment (when it starts, at every rung and when it ends) and every
@@ -95,12 +132,16 @@ from its last checkpoint; the steps trained after that checkpoint (at most
 ``checkpoint_every``) are trained again.
 """
 
+import contextlib
+import json
 import logging
 import math
 import os
 import socket
 import threading
 import time
+import uuid
+import warnings
 from typing import (Any, Callable, Dict, List, NamedTuple, Optional,
                     Sequence, Tuple)
 
@@ -127,6 +168,7 @@ EPSILON = "gradhpo:epsilon"
 WORKER = "gradhpo:worker"
 HEARTBEAT = "gradhpo:heartbeat"
 HEARTBEAT_THREAD = "gradhpo-heartbeat"
+LOCK_SUFFIX = "-decisions.lock"
 _KINDS = ("pasha", "asha")
 _logger = logging.getLogger(__name__)
 
@@ -186,7 +228,9 @@ class Chain(NamedTuple):
     learning curve ``{resource: value}`` it has earned (a crashed tip's
     values only up to its last checkpoint); ``status``: ``"running"``,
     ``"waiting"``, ``"paused"``, ``"complete"``, ``"failed"`` (awaiting a
-    retry).
+    retry). A ``RUNNING`` tip that has already written its
+    ``gradhpo:status`` (``"paused"`` or ``"complete"``, in the moment
+    before Optuna sets its state) counts as such.
     """
 
     number: int
@@ -262,6 +306,95 @@ class _Heartbeat:
                 pass
 
 
+class _DecisionLock:
+    """Optuna's ``JournalFileOpenLock`` on ``path`` (NFS-safe: ``O_EXCL``;
+    a lock file unchanged for ``grace`` seconds is forcibly taken over),
+    plus the holder's identity written into the file and a same-host rule:
+    a worker that waits while a lock file exists watches it from a thread
+    and takes it over at once if its holder is a process of this host that
+    no longer exists (checked like the reaper's process rule)."""
+
+    POLL = 0.02
+
+    def __init__(self, path: str, grace: float) -> None:
+        from optuna.storages.journal import JournalFileOpenLock
+        self.path = path
+        with warnings.catch_warnings():          # Optuna warns below 3 s
+            warnings.simplefilter("ignore")
+            self._lock = JournalFileOpenLock(path[:-len(".lock")],
+                                             grace_period=grace)
+
+    def acquire(self) -> None:
+        stop, watcher = threading.Event(), None
+        if os.path.exists(self.path):            # held: watch the holder
+            watcher = threading.Thread(target=self._watch, args=(stop,),
+                                       name="gradhpo-lock-watch",
+                                       daemon=True)
+            watcher.start()
+        try:
+            self._lock.acquire()
+        finally:
+            stop.set()
+            if watcher is not None:
+                watcher.join()
+        owner = json.dumps({"host": socket.gethostname(),
+                            "pid": os.getpid(), "id": uuid.uuid4().hex})
+        try:
+            fd = os.open(self.path, os.O_WRONLY)
+        except OSError:  # pragma: no cover - taken over at once
+            return
+        try:
+            os.write(fd, owner.encode())
+        finally:
+            os.close(fd)
+
+    def release(self) -> None:
+        """Raises RuntimeError if the lock file is gone (taken over)."""
+        self._lock.release()
+
+    def _watch(self, stop: threading.Event) -> None:
+        host = socket.gethostname()
+        while not stop.wait(self.POLL):
+            try:
+                with open(self.path, "rb") as f:
+                    text = f.read()
+                owner = json.loads(text)
+                dead = owner["host"] == host and not _alive(owner["pid"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue             # free, being written, or foreign
+            if dead and not stop.is_set():
+                try:
+                    self._take_over(text)
+                except OSError as err:  # pragma: no cover - best effort
+                    _logger.warning("decision lock %s: %r", self.path, err)
+
+    def _take_over(self, text: bytes) -> None:
+        """Removes the lock file if it still holds ``text``; a file that
+        changed meanwhile (a new holder) is put back."""
+        aside = f"{self.path}.{uuid.uuid4().hex}.dead"
+        try:
+            os.rename(self.path, aside)     # atomic: one taker wins
+        except OSError:
+            return
+        same = False
+        try:
+            with open(aside, "rb") as f:
+                same = f.read() == text
+            if not same:
+                try:
+                    os.link(aside, self.path)
+                except OSError:  # pragma: no cover - a race of three
+                    _logger.warning("decision lock %s: a live holder's "
+                                    "lock could not be put back.",
+                                    self.path)
+        finally:
+            os.unlink(aside)
+        if same:
+            _logger.warning("decision lock %s: its holder (%s) is a dead "
+                            "process of this host; taken over.", self.path,
+                            text.decode(errors="replace"))
+
+
 def _earned(trial: FrozenTrial) -> Dict[int, float]:
     curve = dict(trial.intermediate_values)
     if trial.state == TrialState.FAIL:
@@ -292,6 +425,11 @@ def _snapshot(study: "optuna.Study") -> Tuple[List[Chain], Dict]:
                   TrialState.WAITING: "waiting",
                   TrialState.COMPLETE: "complete",
                   TrialState.FAIL: "failed"}.get(tip.state, "paused")
+        if status == "running" and tip.user_attrs.get(STATUS) in (
+                "paused", "complete"):
+            # Decided (and checkpointed) already; Optuna sets the state
+            # only when the objective returns, after the decision lock.
+            status = tip.user_attrs[STATUS]
         chains.append(Chain(number, tip, tuple(segments), _earned(tip),
                             status))
     chains.sort(key=lambda c: c.number)
@@ -514,8 +652,8 @@ class ResumableObjective:
     position and the PRNG key): everything the loop needs to continue
     exactly. The objective reports :math:`e` as the step, decides at every
     rung, and checkpoints to ``checkpoint_dir`` (one file per chain, holding
-    the state and :math:`e`) when it pauses and every ``checkpoint_every``
-    units.
+    the state and :math:`e`) when it pauses (with ``serialize``: at every
+    rung it reaches) and every ``checkpoint_every`` units.
 
     Args:
       init: ``trial -> state``.
@@ -527,7 +665,8 @@ class ResumableObjective:
       max_retries: a chain whose segments failed more often than this is
         left failed.
       on_report: optional ``(trial, e, value, max_resource)`` callback after
-        every report (logging).
+        every report and the decisions it led to (logging; called outside
+        the decision lock, also when the segment then pauses).
       heartbeat_interval: seconds between the beats of a daemon thread that,
         while a segment runs, increments its ``gradhpo:heartbeat`` user
         attribute through the study's storage (the thread is stopped and
@@ -542,6 +681,25 @@ class ResumableObjective:
         without an interval: no heartbeat rule. Given without
         ``heartbeat_interval``, the objective reaps by heartbeat but does
         not beat itself. Use the same values in all workers.
+      serialize: take a lock shared by all workers around every decision
+        section (each report with the decisions after it; the start and the
+        end of a segment; :meth:`recover`), so that workers decide one at a
+        time, each from a snapshot holding every event before it (see the
+        module docstring). The lock is the file :meth:`lock_path` in
+        ``checkpoint_dir`` (Optuna's ``JournalFileOpenLock``: NFS-safe,
+        created with ``O_EXCL``); it is never held while ``step`` trains or
+        while a checkpoint is written (at a rung the checkpoint is written
+        before and renamed into place inside). Costs a few file-system
+        calls per report. False: the sections of different workers may
+        overlap
+        (decisions from snapshots that can miss each other's latest events;
+        claim races end as duplicates). Use the same value in all workers.
+      lock_grace_period: seconds after which a worker waiting for the lock
+        forcibly takes over a lock file that has not changed meanwhile (its
+        holder was killed inside a section; a holder of the same host whose
+        process is gone is replaced at once). Must exceed the longest
+        decision section (milliseconds on a local disk; storage latency
+        counts), else two workers may decide at once.
 
     Example:
       >>> import tempfile, numpy as np, optuna
@@ -591,7 +749,9 @@ class ResumableObjective:
                  max_retries: int = 3,
                  on_report: Optional[Callable] = None,
                  heartbeat_interval: Optional[float] = None,
-                 grace_period: Optional[float] = None) -> None:
+                 grace_period: Optional[float] = None,
+                 serialize: bool = True,
+                 lock_grace_period: float = 30.0) -> None:
         if not callable(init) or not callable(step):
             raise TypeError("init and step must be callables.")
         if not isinstance(scheduler, PausingScheduler):
@@ -628,6 +788,12 @@ class ResumableObjective:
             grace_period = 4.0 * heartbeat_interval
         self.heartbeat_interval = heartbeat_interval
         self.grace_period = grace_period
+        if not isinstance(serialize, bool):
+            raise TypeError("serialize must be a bool, got "
+                            f"{type(serialize).__name__}.")
+        self.serialize = serialize
+        self.lock_grace_period = val.check_real(
+            lock_grace_period, "lock_grace_period", low=0.0, low_open=True)
         self._init_reaper()
 
     def _init_reaper(self) -> None:
@@ -646,11 +812,42 @@ class ResumableObjective:
         self._init_reaper()
 
     # ------------------------------------------------------------ helpers
+    @staticmethod
+    def _stem(study: "optuna.Study") -> str:
+        return "".join(ch if ch.isalnum() or ch in "-_." else "_"
+                       for ch in study.study_name)
+
     def checkpoint_path(self, study: "optuna.Study", chain: int) -> str:
         """The checkpoint file of ``chain`` in ``study``."""
-        name = "".join(ch if ch.isalnum() or ch in "-_." else "_"
-                       for ch in study.study_name)
-        return os.path.join(self.checkpoint_dir, f"{name}-chain{chain}.npz")
+        return os.path.join(self.checkpoint_dir,
+                            f"{self._stem(study)}-chain{chain}.npz")
+
+    def lock_path(self, study: "optuna.Study") -> str:
+        """The decision lock file of ``study`` (it exists only while a
+        worker holds the lock; see ``serialize``)."""
+        return os.path.join(self.checkpoint_dir,
+                            self._stem(study) + LOCK_SUFFIX)
+
+    @contextlib.contextmanager
+    def _decision(self, study: "optuna.Study"):
+        """A decision section: holds the study's lock (``serialize``) and
+        releases it however the section ends."""
+        if not self.serialize:
+            yield
+            return
+        lock = _DecisionLock(self.lock_path(study), self.lock_grace_period)
+        lock.acquire()
+        try:
+            yield
+        finally:
+            try:
+                lock.release()
+            except RuntimeError:   # taken over: held beyond the grace
+                _logger.warning(
+                    "decision lock %s was taken over by another worker "
+                    "while this one held it (a section lasted longer than "
+                    "lock_grace_period=%r s).", lock.path,
+                    self.lock_grace_period)
 
     def _save(self, trial, chain: int, state: PyTree, e: int) -> None:
         save_state(self.checkpoint_path(trial.study, chain),
@@ -746,9 +943,10 @@ class ResumableObjective:
         Segments do this themselves when they start and end; call it
         before a last run over the queue (e.g. after all workers exited).
         """
-        self._reap(study)
-        chains, winners = _snapshot(study)
-        return self._service(study, chains, winners)
+        with self._decision(study):
+            self._reap(study)
+            chains, winners = _snapshot(study)
+            return self._service(study, chains, winners)
 
     def watch(self, study: "optuna.Study", *, duration: float,
               poll: Optional[float] = None,
@@ -788,20 +986,17 @@ class ResumableObjective:
     # ------------------------------------------------------------ the loop
     def __call__(self, trial: "optuna.Trial") -> float:
         study = trial.study
-        self._reap(study, own=trial._trial_id)
-        attrs = trial.user_attrs
-        if CHAIN not in attrs:
-            trial.set_user_attr(CHAIN, trial.number)
-            trial.set_user_attr(PARENT, None)
-        chain = trial.user_attrs[CHAIN]
-        parent = trial.user_attrs.get(PARENT)
-        chains, winners = _snapshot(study)
-        if winners[(chain, parent)].number != trial.number:
-            trial.set_user_attr(STATUS, "duplicate")
-            raise optuna.TrialPruned("another trial continues this parent")
-        self._service(study, chains, winners)
+        # Before the start section (which may wait for the lock): a worker
+        # killed while waiting leaves a segment that the reapers can fail
+        # and retry.
         trial.set_user_attr(WORKER, {"host": socket.gethostname(),
                                      "pid": os.getpid()})
+        if CHAIN not in trial.user_attrs:               # a new chain,
+            trial.set_user_attr(CHAIN, trial.number)    # still empty
+            trial.set_user_attr(PARENT, None)
+            trial.set_user_attr(SAVED, 0)
+        chain = trial.user_attrs[CHAIN]
+        parent = trial.user_attrs.get(PARENT)
         beat = None
         if self.heartbeat_interval is not None:
             trial.set_user_attr(HEARTBEAT, 0)
@@ -810,6 +1005,14 @@ class ResumableObjective:
                 f"{HEARTBEAT_THREAD}-{study.study_name}-{trial.number}"
             ).start()
         try:
+            with self._decision(study):
+                self._reap(study, own=trial._trial_id)
+                chains, winners = _snapshot(study)
+                if winners[(chain, parent)].number != trial.number:
+                    trial.set_user_attr(STATUS, "duplicate")
+                    raise optuna.TrialPruned(
+                        "another trial continues this parent")
+                self._service(study, chains, winners)
             return self._train(trial, chain, parent)
         finally:
             if beat is not None:
@@ -832,55 +1035,83 @@ class ResumableObjective:
                 source = study._storage.get_trial(
                     study._storage.get_trial_id_from_study_id_trial_number(
                         study._study_id, parent))
-                for e, v in sorted(source.intermediate_values.items()):
-                    if have < e <= start:
-                        trial.report(v, e)
+                with self._decision(study):
+                    for e, v in sorted(source.intermediate_values.items()):
+                        if have < e <= start:
+                            trial.report(v, e)
         trial.set_user_attr(START, start)
         trial.set_user_attr(SAVED, start)
+        pending = path + ".pending"
+        if os.path.exists(pending):     # left by a worker killed before
+            os.remove(pending)          # it reached its decision section
         if parent is not None and start in sched.rung_levels and \
                 trial.user_attrs.get(REASON) == "retry":
-            # The crashed parent may not have decided at this rung.
-            if self._at_rung(trial, chain, state, start):
+            # The crashed parent may not have decided at this rung (its
+            # checkpoint at ``start`` exists: it was just loaded).
+            with self._decision(study):
+                paused = self._at_rung(trial, chain, state, start,
+                                       saved=True)
+            if paused:
                 raise optuna.TrialPruned(f"paused at {start}")
         value = math.nan
         for e in range(start + 1, sched.max_resource + 1):
             state, value = self.step(trial, state, e)
             value = float(value)
-            trial.report(value, e)
-            if self.on_report is not None or sched.kind == "pasha":
-                chains, winners = _snapshot(study)
-                epsilon = sched._new_epsilon(chains, winners, e)
-                if epsilon is not None:
-                    trial.set_user_attr(EPSILON, list(epsilon))
-                recorded, top = sched._top(
-                    study, chains, winners,
-                    None if epsilon is None else epsilon[1])
-                if top > recorded:
-                    trial.set_user_attr(TOP, top)
-                if self.on_report is not None:
-                    self.on_report(trial, e, value,
-                                   sched.max_resource_for(top))
+            rung = e in sched.rung_levels
+            if rung and self.serialize:
+                # Written before the lock, put in place (a rename) after
+                # the report inside it: a checkpoint never runs ahead of
+                # the reports, and one that pauses is claimable at once.
+                save_state(pending, {"state": state,
+                                     "step": np.asarray(e, np.int64)})
+            paused, max_resource = False, None
+            with self._decision(study):
+                trial.report(value, e)
+                if rung and self.serialize:
+                    os.replace(pending, path)
+                    trial.set_user_attr(SAVED, e)
+                if self.on_report is not None or sched.kind == "pasha":
+                    chains, winners = _snapshot(study)
+                    epsilon = sched._new_epsilon(chains, winners, e)
+                    if epsilon is not None:
+                        trial.set_user_attr(EPSILON, list(epsilon))
+                    recorded, top = sched._top(
+                        study, chains, winners,
+                        None if epsilon is None else epsilon[1])
+                    if top > recorded:
+                        trial.set_user_attr(TOP, top)
+                    max_resource = sched.max_resource_for(top)
+                if rung:
+                    paused = self._at_rung(trial, chain, state, e,
+                                           saved=self.serialize)
+            if self.on_report is not None:
+                self.on_report(trial, e, value, max_resource)
+            if paused:
+                raise optuna.TrialPruned(f"paused at {e}")
             if e == sched.max_resource:
                 break
-            if e in sched.rung_levels:
-                if self._at_rung(trial, chain, state, e):
-                    raise optuna.TrialPruned(f"paused at {e}")
-            elif self.checkpoint_every and e % self.checkpoint_every == 0:
+            if not rung and self.checkpoint_every and \
+                    e % self.checkpoint_every == 0:
                 self._save(trial, chain, state, e)
-        trial.set_user_attr(STATUS, "complete")
-        self._reap(study, own=trial._trial_id)
-        chains, winners = _snapshot(study)
-        # The worker is free: promote as after a pause.
-        top = sched._top(study, chains, winners)[1]
-        best = sched._promote(study, chains, sched.max_resource_for(top))
-        if best is not None:
-            self._claim(study, winners, best.tip, "promoted", best.curve)
-        self._service(study, chains, winners)
+        with self._decision(study):
+            trial.set_user_attr(STATUS, "complete")
+            self._reap(study, own=trial._trial_id)
+            chains, winners = _snapshot(study)
+            # The worker is free: promote as after a pause.
+            top = sched._top(study, chains, winners)[1]
+            best = sched._promote(study, chains,
+                                  sched.max_resource_for(top))
+            if best is not None:
+                self._claim(study, winners, best.tip, "promoted",
+                            best.curve)
+            self._service(study, chains, winners)
         return value
 
-    def _at_rung(self, trial, chain: int, state: PyTree, e: int) -> bool:
-        """Decides at rung ``e``; True: the segment pauses (already
-        checkpointed, marked and the promoted chain enqueued)."""
+    def _at_rung(self, trial, chain: int, state: PyTree, e: int,
+                 saved: bool = False) -> bool:
+        """Decides at rung ``e`` (inside a decision section); True: the
+        segment pauses (checkpointed, marked and the promoted chain
+        enqueued). ``saved``: its checkpoint at ``e`` is written already."""
         study = trial.study
         sched = self.scheduler
         self._reap(study, own=trial._trial_id)
@@ -890,7 +1121,8 @@ class ResumableObjective:
                               pausing=chain)
         if best is not None and best.number == chain:
             return False
-        self._save(trial, chain, state, e)
+        if not saved:
+            self._save(trial, chain, state, e)
         trial.set_user_attr(STATUS, "paused")
         if best is not None:
             self._claim(study, winners, best.tip, "promoted", best.curve)

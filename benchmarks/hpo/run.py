@@ -42,9 +42,11 @@ def parse_args(argv=None):
     p.add_argument("--tasks", nargs="+", default=list(tasks.TASKS),
                    choices=list(tasks.TASKS),
                    help="tasks to run (default: all)")
-    p.add_argument("--methods", nargs="+", default=list(M.METHODS),
+    p.add_argument("--methods", nargs="+", default=list(M.DEFAULT_METHODS),
                    choices=M.METHODS,
-                   help="methods to run where they apply (default: all)")
+                   help="methods to run where they apply (default: all "
+                        "but the ablations, "
+                        f"{', '.join(M.ABLATIONS)})")
     p.add_argument("--seeds", type=int, default=None,
                    help="paired seeds 0..N-1 (default 1 quick, 3 full)")
     p.add_argument("--first-seed", type=int, default=0,
